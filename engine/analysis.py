@@ -1,0 +1,188 @@
+"""Analyses of one crystal structure for the Structure page: symmetry, lattice and sites, bonds, powder XRD.
+
+Each function takes a pymatgen ``Structure`` and returns plain data (dicts, DataFrames) the page draws; none of
+them imports streamlit. Bond lengths are judged by the rule of the CrystaLLM bond-length check (see
+``engine.checks``): CrystalNN neighbours, expected length from ionic radii when the electronegativity
+difference is at least 1.7, otherwise from atomic radii; reasonable when 0.68 < d / expected < 1.32, or
+d / expected < 2.5 when hydrogen takes part.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from pymatgen.analysis.diffraction.xrd import XRDCalculator
+from pymatgen.analysis.local_env import CrystalNN
+from pymatgen.core import Element, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from engine.errors import InputError
+
+MAX_ANALYSIS_SITES = 500
+"""Structures with more sites than this are refused: neighbour finding on them takes minutes."""
+
+IONIC_DELTA_X = 1.7
+"""Pauling electronegativity difference from which a bond is treated as ionic (CrystaLLM rule)."""
+RATIO_WINDOW = (0.68, 1.32)
+"""Reasonable range of bond length / expected length (dimensionless), CrystaLLM rule."""
+HYDROGEN_MAX_RATIO = 2.5
+"""Upper bound of bond length / expected length when hydrogen takes part (dimensionless)."""
+
+
+def _guard_size(structure: Structure) -> None:
+    if len(structure) > MAX_ANALYSIS_SITES:
+        raise InputError(
+            f"the structure has {len(structure)} sites (more than {MAX_ANALYSIS_SITES}); "
+            "this analysis would take minutes, so pick a smaller structure"
+        )
+
+
+def symmetry(structure: Structure, symprec: float = 0.1, angle_tolerance: float = 5.0) -> dict:
+    """Space group and related symmetry found by spglib at the given tolerances.
+
+    Args:
+        symprec: distance tolerance in Å for two positions to count as the same (0.1 is CrystaLLM's choice).
+        angle_tolerance: angle tolerance in degrees.
+
+    Returns:
+        ``{"symbol", "number", "crystal_system", "point_group", "n_operations", "wyckoff", "error"}``;
+        when spglib cannot decide, ``error`` holds its reason and the other values are None.
+    """
+    _guard_size(structure)
+    try:
+        sga = SpacegroupAnalyzer(structure, symprec=symprec, angle_tolerance=angle_tolerance)
+        data = sga.get_symmetry_dataset()
+        wyckoff = sorted(set(sga.get_symmetrized_structure().wyckoff_symbols))
+        return {
+            "symbol": sga.get_space_group_symbol(),
+            "number": sga.get_space_group_number(),
+            "crystal_system": sga.get_crystal_system(),
+            "point_group": sga.get_point_group_symbol(),
+            "n_operations": len(data.rotations),
+            "wyckoff": wyckoff,
+            "error": None,
+        }
+    except (ValueError, TypeError, AttributeError) as exc:  # includes pymatgen's SymmetryUndeterminedError
+        return {"symbol": None, "number": None, "crystal_system": None, "point_group": None,
+                "n_operations": None, "wyckoff": None, "error": f"symmetry undetermined at symprec "
+                f"{symprec} Å: {exc}"}
+
+
+def lattice_info(structure: Structure) -> dict:
+    """Cell lengths (Å), angles (degrees), volume (Å^3), density (g/cm^3), formula and site count."""
+    lat = structure.lattice
+    return {
+        "formula": structure.composition.formula,
+        "reduced_formula": structure.composition.reduced_formula,
+        "a": lat.a, "b": lat.b, "c": lat.c,
+        "alpha": lat.alpha, "beta": lat.beta, "gamma": lat.gamma,
+        "volume": lat.volume,
+        "density": float(structure.density),
+        "n_sites": len(structure),
+        "volume_per_atom": lat.volume / max(len(structure), 1),
+    }
+
+
+def sites_table(structure: Structure) -> pd.DataFrame:
+    """One row per site: element, fractional and Cartesian (Å) coordinates, occupancy."""
+    rows = []
+    for i, site in enumerate(structure):
+        rows.append({
+            "site": i,
+            "element": site.species_string,
+            "x": site.frac_coords[0], "y": site.frac_coords[1], "z": site.frac_coords[2],
+            "cart_x": site.coords[0], "cart_y": site.coords[1], "cart_z": site.coords[2],
+            "occupancy": float(sum(site.species.values())),
+        })
+    return pd.DataFrame(rows)
+
+
+def expected_bond_length(el1: str, el2: str) -> tuple[float | None, bool]:
+    """Expected length (Å) of a bond between two elements and whether it counts as ionic.
+
+    Ionic (Pauling electronegativity difference >= 1.7): average cationic radius of the less electronegative
+    element plus average anionic radius of the other; otherwise the sum of atomic radii. None when pymatgen
+    has no radius for an element.
+    """
+    e1, e2 = Element(el1), Element(el2)
+    x1, x2 = e1.X, e2.X
+    ionic = bool(np.isfinite(x1) and np.isfinite(x2) and abs(x1 - x2) >= IONIC_DELTA_X)
+    if ionic:
+        cation, anion = (e1, e2) if x1 < x2 else (e2, e1)
+        r_cat, r_an = float(cation.average_cationic_radius), float(anion.average_anionic_radius)
+        if r_cat > 0 and r_an > 0:
+            return r_cat + r_an, True
+    r1, r2 = e1.atomic_radius, e2.atomic_radius
+    if r1 is None or r2 is None:
+        return None, ionic
+    return float(r1) + float(r2), ionic
+
+
+def neighbour_bonds(structure: Structure) -> pd.DataFrame:
+    """CrystalNN nearest-neighbour bonds with their expected lengths.
+
+    Returns:
+        One row per (site, neighbour) bond: ``site, element, neighbour, distance`` (Å), ``expected`` (Å),
+        ``ratio`` (distance / expected), ``ionic``, ``reasonable``. Each bond appears once from each end,
+        as in the CrystaLLM score.
+    """
+    _guard_size(structure)
+    nn = CrystalNN()
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CrystalNN warns about guessed oxidation states on every call
+        for i, site in enumerate(structure):
+            for info in nn.get_nn_info(structure, i):
+                other = info["site"]
+                el1, el2 = site.specie.symbol, other.specie.symbol
+                dist = float(site.distance(other))
+                expected, ionic = expected_bond_length(el1, el2)
+                ratio = dist / expected if expected else float("nan")
+                if "H" in (el1, el2):
+                    ok = bool(ratio < HYDROGEN_MAX_RATIO)
+                else:
+                    ok = bool(RATIO_WINDOW[0] < ratio < RATIO_WINDOW[1])
+                rows.append({"site": i, "element": el1, "neighbour": el2, "distance": dist,
+                             "expected": expected, "ratio": ratio, "ionic": ionic, "reasonable": ok})
+    return pd.DataFrame(rows, columns=["site", "element", "neighbour", "distance", "expected", "ratio",
+                                       "ionic", "reasonable"])
+
+
+def bond_summary(bonds: pd.DataFrame) -> pd.DataFrame:
+    """Bonds grouped by element pair: count, mean / min / max length (Å), expected (Å), share reasonable."""
+    if bonds.empty:
+        return pd.DataFrame(columns=["pair", "count", "mean", "min", "max", "expected", "reasonable"])
+    pair = [" - ".join(sorted((a, b))) for a, b in zip(bonds["element"], bonds["neighbour"])]
+    g = bonds.assign(pair=pair).groupby("pair")
+    return pd.DataFrame({
+        "count": g.size(),
+        "mean": g["distance"].mean(), "min": g["distance"].min(), "max": g["distance"].max(),
+        "expected": g["expected"].first(),
+        "reasonable": g["reasonable"].mean(),
+    }).reset_index()
+
+
+def xrd_pattern(structure: Structure, wavelength: str | float = "CuKa",
+                two_theta_range: tuple[float, float] = (5.0, 90.0)) -> pd.DataFrame:
+    """Simulated powder X-ray diffraction peaks (pymatgen ``XRDCalculator``).
+
+    Args:
+        wavelength: an anode name (``"CuKa"``, ``"MoKa"``, ...) or a wavelength in Å.
+        two_theta_range: scattering angles in degrees.
+
+    Returns:
+        One row per peak: ``two_theta`` (degrees), ``intensity`` (scaled so the largest is 100),
+        ``hkl`` (Miller indices of the contributing families), ``d_spacing`` (Å).
+    """
+    _guard_size(structure)
+    if not two_theta_range[0] < two_theta_range[1]:
+        raise InputError(f"two-theta range {two_theta_range} is empty; give (min, max) with min < max")
+    try:
+        pattern = XRDCalculator(wavelength=wavelength).get_pattern(structure, two_theta_range=two_theta_range)
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"cannot simulate XRD with wavelength {wavelength!r}: {exc}") from exc
+    hkls = [", ".join("(" + " ".join(str(i) for i in fam["hkl"]) + ")" for fam in peak) for peak in pattern.hkls]
+    return pd.DataFrame({"two_theta": pattern.x, "intensity": pattern.y, "hkl": hkls,
+                         "d_spacing": pattern.d_hkls})

@@ -1,0 +1,32 @@
+"""Fixtures for the dashboard tests: a session-wide 3Dmol.js cache and a runs root made by the real tiny pipeline.
+
+The root ``tests/conftest.py`` points CRYSTALLAB_RUNS / CRYSTALLAB_CACHE at a fresh folder for every test; tests
+here re-point them at session folders so the npm download and the tiny pipeline happen once per test run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.viewer import ensure_3dmol_js
+
+
+@pytest.fixture(scope="session")
+def asset_cache(tmp_path_factory):
+    """A cache folder holding 3Dmol.js, fetched from the npm registry once per session."""
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CRYSTALLAB_CACHE", str(cache))
+    try:
+        path = ensure_3dmol_js()
+        assert path is not None, "3Dmol.js could not be fetched from registry.npmjs.org (needed once per run)"
+    finally:
+        mp.undo()
+    return cache
+
+
+@pytest.fixture
+def use_asset_cache(asset_cache, _isolated_runs, monkeypatch):
+    """Point this test's CRYSTALLAB_CACHE at the session cache (after the root fixture isolated it)."""
+    monkeypatch.setenv("CRYSTALLAB_CACHE", str(asset_cache))
+    return asset_cache
