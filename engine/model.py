@@ -70,6 +70,15 @@ class GPTConfig:
         """Channels per attention head."""
         return self.n_embd // self.n_head
 
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count of a `GPT` of this shape, without building it (same convention as `GPT.num_params`)."""
+        c = self.n_embd
+        linear_bias = 9 * c if self.bias else 0  # c_attn 3C + attn c_proj C + c_fc 4C + mlp c_proj C
+        norm = 2 * c if self.bias else c
+        per_layer = 12 * c * c + linear_bias + 2 * norm
+        n = self.n_layer * per_layer + norm + self.vocab_size * c  # blocks, ln_f, wte (= lm_head)
+        return n if non_embedding else n + self.block_size * c
+
     @classmethod
     def from_model_args(cls, model_args: dict[str, Any]) -> GPTConfig:
         """Build a config from a checkpoint's ``model_args`` dict (CrystaLLM layout).
@@ -282,6 +291,8 @@ class GPT(nn.Module):
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+        if self.transformer.wte.weight.is_meta:
+            return  # a meta model has no storage to fill; its weights arrive via load_state_dict(assign=True)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
