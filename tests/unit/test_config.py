@@ -1,0 +1,141 @@
+"""Training configs: YAML + --set overrides, readable refusals, and every shipped preset validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import TrainConfig, dump_config, field_docs, load_config, parse_override
+from engine.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TRAIN_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep_", "sample_")))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_parse_as_yaml_and_keep_equals_signs(tmp_path):
+    cfg = load_config(_write(tmp_path, "compile: true\nmax_iters: 100\n"),
+                      ["compile=false", "learning_rate=3e-4", "dataset=x=y", "max_iters=1e3", "min_lr=0"])
+    assert cfg.compile is False
+    assert cfg.learning_rate == pytest.approx(3e-4)
+    assert cfg.dataset == "x=y"
+    assert parse_override("init_ckpt=/x/a=b.pt") == ("init_ckpt", "/x/a=b.pt")
+    assert cfg.max_iters == 1000 and isinstance(cfg.max_iters, int)
+    assert cfg.min_lr == 0.0
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads "1e-3" as a string; users write it that way in CrystaLLM configs.
+    cfg = load_config(_write(tmp_path, "learning_rate: 1e-3\nmin_lr: 1e-4\n"))
+    assert cfg.learning_rate == 1e-3 and cfg.resolved_min_lr == 1e-4
+
+
+def test_scratch_fills_shape_from_preset_and_explicit_keys_win(tmp_path):
+    cfg = load_config(_write(tmp_path, "preset: tiny\nn_layer: 3\n"))
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (3, 2, 128, 256)
+    default = load_config(None)
+    assert (default.n_layer, default.n_embd, default.block_size) == (8, 512, 1024)  # CrystaLLM v1 small
+
+
+def test_min_lr_ratio_and_lr_decay_defaults(tmp_path):
+    cfg = load_config(None, ["learning_rate=1e-3", "min_lr_ratio=0.05", "max_iters=400"])
+    assert cfg.resolved_min_lr == pytest.approx(5e-5)
+    assert cfg.resolved_lr_decay_iters == 400
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["n_layr=4"], ["n_layr", "n_layer"]),
+        (["n_embd=100", "n_head=3"], ["n_embd", "divisible", "n_head"]),
+        (["warmup_iters=200", "max_iters=100"], ["warmup_iters", "max_iters"]),
+        (["learning_rate=1e-4", "min_lr=1e-3"], ["min_lr", "learning_rate"]),
+        (["block_size=4"], ["block_size", "8"]),
+        (["init_from=finetune"], ["init_ckpt"]),
+        (["init_from=resume"], ["resume", "out_dir"]),
+        (["init_from=pretrained"], ["init_from", "scratch"]),
+        (["max_iters=ten"], ["max_iters", "integer"]),
+        (["compile=maybe"], ["compile", "true or false"]),
+        (["dropout=1.5"], ["dropout"]),
+        (["dtype=float8"], ["dtype"]),
+        (["device=gpu"], ["device"]),
+        (["min_lr=1e-5", "min_lr_ratio=0.1"], ["min_lr_ratio"]),
+        (["freeze_embeddings=true"], ["finetune"]),
+        (["preset=huge"], ["preset", "tiny"]),
+        (["name=../escape"], ["name"]),
+        (["underrep_p=0.5"], ["underrep_p"]),
+        (["batch_size=0"], ["batch_size"]),
+        (["noequals"], ["key=value"]),
+    ],
+)
+def test_bad_configs_are_refused_with_a_message_naming_the_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    for word in words:
+        assert word in message, message
+
+
+def test_finetune_shape_comes_from_checkpoint_so_preset_is_refused():
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(None, ["init_from=finetune", "init_ckpt=/x/ckpt.pt", "preset=small"])
+    cfg = load_config(None, ["init_from=finetune", "init_ckpt=/x/ckpt.pt", "block_size=256"])
+    assert cfg.n_layer is None and cfg.block_size == 256  # filled from the checkpoint by the trainer
+
+
+def test_crystallm_upstream_keys_are_translated(tmp_path):
+    cfg = load_config(_write(tmp_path, "eval_iters_train: 7\neval_iters_val: 9\nalways_save_checkpoint: false\n"
+                                       "validate: true\nunderrep_p: 0.0\nbeta2: 0.99\n"))
+    assert cfg.eval_iters == 9
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_resume_takes_the_runs_saved_config_as_base(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config(None, ["preset=tiny", "dataset=mydata", "max_iters=50", "warmup_iters=5", "seed=7"])
+    (run / "config.yaml").write_text(dump_config(saved))
+    cfg = load_config(None, ["init_from=resume", f"out_dir={run}", "max_iters=80"])
+    assert (cfg.dataset, cfg.seed, cfg.n_embd, cfg.max_iters) == ("mydata", 7, 128, 80)
+    with pytest.raises(ConfigError, match="config.yaml"):
+        load_config(None, ["init_from=resume", f"out_dir={tmp_path / 'nothing'}"])
+
+
+def test_dumped_config_round_trips(tmp_path):
+    cfg = load_config(None, ["preset=tiny", "max_iters=10", "warmup_iters=2"])
+    again = load_config(_write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+def test_every_key_is_documented():
+    docs = field_docs()
+    assert set(docs) == set(TrainConfig.__dataclass_fields__)
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+def test_presets_exist():
+    names = {p.name for p in TRAIN_PRESETS}
+    assert {"tiny_cpu.yaml", "nacl_ft_small.yaml", "continue_mix10000.yaml", "crystallm_v1_small.yaml",
+            "crystallm_v1_large.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", TRAIN_PRESETS, ids=lambda p: p.name)
+def test_every_training_preset_validates(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.max_iters == raw["max_iters"]
+    if cfg.init_from == "scratch":
+        assert cfg.n_embd % cfg.n_head == 0
