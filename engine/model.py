@@ -117,6 +117,32 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+def state_dict_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The keys and tensor shapes of ``GPT(config).state_dict()``, computed without building the model.
+
+    Lets checkpoint loading name the first mismatching tensor before any memory is spent on a model.
+    """
+    c, v = config.n_embd, config.vocab_size
+
+    def linear(name: str, out_f: int, in_f: int) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (out_f, in_f), **({f"{name}.bias": (out_f,)} if config.bias else {})}
+
+    def norm(name: str) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (c,), **({f"{name}.bias": (c,)} if config.bias else {})}
+
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (v, c),
+        "transformer.wpe.weight": (config.block_size, c),
+    }
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}"
+        shapes |= norm(f"{p}.ln_1") | linear(f"{p}.attn.c_attn", 3 * c, c) | linear(f"{p}.attn.c_proj", c, c)
+        shapes |= norm(f"{p}.ln_2") | linear(f"{p}.mlp.c_fc", 4 * c, c) | linear(f"{p}.mlp.c_proj", c, 4 * c)
+    shapes |= norm("transformer.ln_f")
+    shapes["lm_head.weight"] = (v, c)
+    return shapes
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding of a batch of sequences.
 
