@@ -354,13 +354,12 @@ def _finish(tmp: Path, out_dir: Path, overwrite: bool, stats: dict, provenance: 
 
 def _split_counts(n: int, val_fraction: float) -> int:
     """Number of validation CIFs out of ``n`` accepted ones."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise InputError(f"val_fraction={val_fraction} must be at least 0 and below 1 (e.g. 0.1).")
     if val_fraction == 0:
         return 0
     if n < 2:
-        raise InputError(f"only {n} CIF was accepted: too few for a train/validation split. Add more CIFs, or "
-                         "build a train-only dataset with val_fraction=0 (--val-fraction 0).")
+        raise InputError(f"only {n} CIF remains after rejects and deduplication: too few for a train/validation "
+                         "split. Add more CIFs, or build a train-only dataset with val_fraction=0 "
+                         "(--val-fraction 0).")
     return min(n - 1, max(1, round(n * val_fraction)))
 
 
@@ -393,6 +392,8 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     t0 = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, overwrite)
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"val_fraction={val_fraction} must be at least 0 and below 1 (e.g. 0.1).")
     if not sources:
         raise InputError(f"no dataset sources given; give {SOURCE_KINDS_HELP}.")
     items: list[SourceItem] = [item for s in sources for item in read_source(s)]
@@ -477,10 +478,26 @@ def _deduplicate(accepted: list[tuple[int, _Canonical]],
 # Importing CrystaLLM token files
 
 
-def _check_ids(ids: np.ndarray, path: Path) -> None:
+def _copy_bins(src: Path, dst: Path, progress: Progress | None) -> None:
+    """Copy train.bin and val.bin in chunks, reporting bytes copied."""
+    total, done = sum((src / f).stat().st_size for f in BIN_FILES), 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    for f in BIN_FILES:
+        with open(src / f, "rb") as fh:
+            copy_stream(fh, dst / f, report)
+
+
+def _check_ids(ids: np.ndarray, label: str) -> None:
+    """Every id must index the vocabulary (checked window by window, so memory stays flat)."""
     top = max((int(c.max()) for _, c in _chunks(ids)), default=0)
     if top >= VOCAB_SIZE:
-        raise InputError(f"{path} holds token id {top}, but the vocabulary has {VOCAB_SIZE} tokens (0-370): it was "
+        raise InputError(f"{label} holds token id {top}, but the vocabulary has {VOCAB_SIZE} tokens (0-370): it was "
                          "made with another tokenizer or is not a token file.")
 
 
@@ -537,9 +554,9 @@ def import_tokens(archive_or_dir: str | os.PathLike, out_dir: str | os.PathLike,
                          "folder with train.bin, val.bin and meta.pkl.")
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, overwrite)
-    for label, value in (("n_train", n_train), ("n_val", n_val), ("min_len", min_len)):
-        if value is not None and value < 0:
-            raise InputError(f"{label}={value} must be a non-negative whole number.")
+    for label, value, least in (("n_train", n_train, 1), ("n_val", n_val, 0), ("min_len", min_len, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{label}={value} must be a whole number of at least {least}.")
     subset = any(v is not None for v in (n_train, n_val, min_len))
     tmp = _new_tmp_dir(out_dir)
     try:
@@ -555,19 +572,11 @@ def import_tokens(archive_or_dir: str | os.PathLike, out_dir: str | os.PathLike,
             if subset:
                 staging = src  # read in place through a memory map: nothing to copy
             else:
-                total, done = sum((src / f).stat().st_size for f in BIN_FILES), 0
-                for f in BIN_FILES:
-                    def report(n: int) -> None:
-                        nonlocal done
-                        done += n
-                        if progress:
-                            progress(done, total)
-                    with open(src / f, "rb") as fh:
-                        copy_stream(fh, tmp / f, report)
+                _copy_bins(src, tmp, progress)
         else:
             extract_token_archive(src, staging, progress)
         for f in BIN_FILES:
-            _check_ids(open_bin(staging / f), src / f if src.is_dir() else Path(f"{src}:{f}"))
+            _check_ids(open_bin(staging / f), f"{src}/{f}" if src.is_dir() else f"{src}:{f}")
         stats: dict[str, Any] = {"kind": "imported", "subset": None}
         if subset:
             rng = np.random.default_rng(seed)
@@ -642,7 +651,7 @@ def load_token_dataset(folder: str | os.PathLike) -> TokenDataset:
     meta = read_meta(path)
     train, val = (open_bin(path / f) for f in BIN_FILES)
     for ids, f in ((train, "train.bin"), (val, "val.bin")):
-        _check_ids(ids, path / f)
+        _check_ids(ids, str(path / f))
     if train.size == 0:
         raise InputError(f"{path / 'train.bin'} is empty: there is nothing to train on.")
     provenance = read_json(path / "dataset.json", {}) or {}
