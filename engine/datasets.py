@@ -47,6 +47,7 @@ from engine.sources import (
     Progress,
     SourceItem,
     copy_stream,
+    describe_source,
     extract_token_archive,
     open_bin,
     read_meta,
@@ -201,7 +202,7 @@ def _header_and_sg_counts(ids: np.ndarray, starts: np.ndarray) -> tuple[np.ndarr
         depth = np.zeros(seg.size + 1, dtype=np.int32)
         np.add.at(depth, rel, 1)
         np.add.at(depth, header_end, -1)
-        in_header = np.cumsum(depth[:-1]) > 0
+        in_header = np.cumsum(depth[:-1], dtype=np.int32) > 0
         el = _ELEMENT_INDEX[seg]
         pos = np.flatnonzero(in_header & (el >= 0))
         cif = np.searchsorted(rel, pos, side="right") - 1
@@ -445,7 +446,7 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "dropped_chars": sum(dropped_chars.values()),
             "dropped_char_counts": dict(dropped_chars.most_common()),
         }
-        provenance = {"sources": [str(s) for s in sources], "options": {
+        provenance = {"sources": [describe_source(s) for s in sources], "options": {
             "val_fraction": val_fraction, "seed": seed, "dedup": dedup, "symmetrized": symmetrized}}
         return _finish(tmp, out_dir, overwrite, stats, provenance, t0)
     except BaseException:

@@ -228,6 +228,15 @@ def _read_csv(path: Path, label: str) -> list[SourceItem]:
     return items
 
 
+def describe_source(source: str | Path) -> str:
+    """How a source is recorded in ``dataset.json``: an absolute path, or ``builtin:N:SEED`` spelled out."""
+    label = str(source)
+    path = Path(label).expanduser()
+    if not path.exists() and (label == "builtin" or label.startswith("builtin:")):
+        return "builtin:%d:%d" % parse_builtin(label)
+    return str(path.resolve())
+
+
 def parse_builtin(label: str) -> tuple[int, int]:
     """``builtin[:N[:SEED]]`` -> (N, SEED)."""
     parts = label.split(":")

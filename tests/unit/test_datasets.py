@@ -138,16 +138,19 @@ def test_rejects_name_every_failed_input_with_a_reason(mp20_rows, tmp_path):
     (folder / "partial.cif").write_text(str(CifWriter(partial)))
     (folder / "binary.cif").write_bytes(b"\x89PNG\x00\x00\x1a" + bytes(range(256)))
     (folder / "two_blocks.cif").write_text(mp20_rows.cif[2] + "\n" + mp20_rows.cif[3])
+    csv = tmp_path / "rows.csv"
+    pd.DataFrame({"material_id": ["mp-ok", "mp-empty"], "cif": [mp20_rows.cif[4], None]}).to_csv(csv, index=False)
     out = tmp_path / "out"
-    stats = build_dataset([folder], out, val_fraction=0, workers=1)
+    stats = build_dataset([folder, csv], out, val_fraction=0, workers=1)
     rejects = {r["name"]: r for r in _read_jsonl(out / "rejects.jsonl")}
-    assert set(rejects) == {"no_cell_b.cif", "truncated.cif", "partial.cif", "binary.cif"}
-    assert all(r["source"] == str(folder) and r["reason"] for r in rejects.values())
+    assert set(rejects) == {"no_cell_b.cif", "truncated.cif", "partial.cif", "binary.cif", "mp-empty"}
+    assert all(r["source"] == str(folder) and r["reason"] for n, r in rejects.items() if n != "mp-empty")
     assert "partially occupied" in rejects["partial.cif"]["reason"]
     assert "binary" in rejects["binary.cif"]["reason"]
-    assert (stats["inputs"], stats["accepted"], stats["rejected"]) == (8, 4, 4)
+    assert "empty 'cif' cell" in rejects["mp-empty"]["reason"] and rejects["mp-empty"]["source"] == str(csv)
+    assert (stats["inputs"], stats["accepted"], stats["rejected"]) == (10, 5, 5)
     names = {r["name"] for r in _read_jsonl(out / "index.jsonl")}
-    assert {"two_blocks.cif#1", "two_blocks.cif#2", "good.cif", "good2.cif"} == names
+    assert {"two_blocks.cif#1", "two_blocks.cif#2", "good.cif", "good2.cif", "mp-ok"} == names
 
 
 def test_dedup_keeps_lowest_volume_per_formula_unit(tmp_path):
