@@ -150,7 +150,13 @@ def _read_folder(path: Path, label: str) -> list[SourceItem]:
     )
     items: list[SourceItem] = []
     for p in files:
-        items += _items_from_bytes(p.read_bytes(), label, p.relative_to(path).as_posix())
+        name = p.relative_to(path).as_posix()
+        try:
+            data = p.read_bytes()
+        except OSError as exc:  # e.g. no read permission: that one file is rejected, the rest still build
+            items.append(SourceItem(label, name, error=f"could not be read: {exc.strerror or exc}"))
+            continue
+        items += _items_from_bytes(data, label, name)
     return items
 
 
@@ -198,7 +204,9 @@ def _clean(value: Any) -> Any:
 def _read_csv(path: Path, label: str) -> list[SourceItem]:
     import pandas as pd
 
-    if b"\x00" in path.read_bytes()[:65536]:
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    if b"\x00" in head:
         raise InputError(f"{label} is a binary file, not a CSV; give a text .csv with a 'cif' column.")
     try:
         df = pd.read_csv(path)

@@ -281,6 +281,11 @@ def test_import_subset_takes_whole_cifs_honouring_min_len(upstream, tmp_path):
         import_tokens(upstream["folder"], tmp_path / "too-many", n_train=24, min_len=min_len)
 
 
+def test_token_archive_given_to_build_points_to_import_tokens(upstream, tmp_path):
+    with pytest.raises(InputError, match="use `crystallab data import-tokens`"):
+        build_dataset([upstream["archive"]], tmp_path / "o")
+
+
 def test_malicious_meta_pkl_is_refused_without_executing(upstream, tmp_path):
     marker = tmp_path / "pwned"
 
