@@ -218,16 +218,13 @@ def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     mmap = mmap and zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise _refuse_code(path, exc) from exc
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({exc}); pass a .pt file saved by torch.save"
-        ) from exc
     except Exception as exc:  # torch raises many types (KeyError, RuntimeError, EOFError) for foreign bytes
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            raise _refuse_code(path, exc) from exc  # the file names a class/function to call: code would run
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); pass a .pt file saved "
-            "by torch.save (CrystaLLM's ckpt.pt or a run's ckpt/last.pt), and re-copy it if it may be truncated"
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); pass a .pt file "
+            "saved by torch.save (CrystaLLM's ckpt.pt or a run's ckpt/last.pt), and re-copy it if it may be truncated"
         ) from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict with model and model_args")
@@ -366,14 +363,18 @@ def load_model(
 # ----------------------------------------------------------------------------------------------------------------
 # Information for the dashboard and sample provenance
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint file, hashed once per (path, mtime, size) in this process."""
+    """SHA-256 of a checkpoint file, hashed once per (path, inode, mtime, size) in this process.
+
+    The inode is part of the key because `save_checkpoint` replaces files by rename, which gives every new
+    version a new inode even when it lands within the file system's mtime resolution.
+    """
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
+    key = (str(p), st.st_ino, st.st_mtime_ns, st.st_size)
     if key not in _SHA_CACHE:
         _SHA_CACHE[key] = sha256_file(p)
     return _SHA_CACHE[key]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.model import GPT, PRESETS, ContextLengthError, GPTConfig, KVCache
+from engine.model import GPT, PRESETS, ContextLengthError, GPTConfig, KVCache, state_dict_shapes
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
@@ -45,12 +45,13 @@ def test_lm_head_is_tied_to_token_embedding():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_config_parameter_count_matches_built_model(bias):
+def test_config_parameter_count_and_shapes_match_built_model(bias):
     cfg = GPTConfig(n_layer=3, n_head=2, n_embd=48, block_size=40, bias=bias)
     model = GPT(cfg)
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in set(model.parameters()))
     assert cfg.num_params(non_embedding=False) == model.num_params(non_embedding=False)
     assert cfg.num_params() == model.num_params() == model.num_params(False) - 40 * 48
+    assert state_dict_shapes(cfg) == {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
 def test_published_sizes():
