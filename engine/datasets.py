@@ -732,22 +732,26 @@ def _print_summary(folder: Path, stats: dict) -> None:
         print(f"  took {stats['build_seconds']:.1f} s")
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    out, bar = resolve_dataset_dir(args.out), _Bar("canonicalizing", unit="cif")
+def _build_with_bar(out_arg: str, sources: list[str], **options: Any) -> int:
+    out, bar = resolve_dataset_dir(out_arg), _Bar("canonicalizing", unit="cif")
     try:
-        stats = build_dataset(args.sources, out, val_fraction=args.val_fraction, seed=args.seed,
-                              dedup=not args.no_dedup, workers=args.workers, symmetrized=args.symmetrized,
-                              overwrite=args.overwrite, progress=bar)
+        stats = build_dataset(sources, out, progress=bar, **options)
     finally:
         bar.close()
     _print_summary(out, stats)
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    return _build_with_bar(args.out, args.sources, val_fraction=args.val_fraction, seed=args.seed,
+                           dedup=not args.no_dedup, workers=args.workers, symmetrized=args.symmetrized,
+                           overwrite=args.overwrite)
+
+
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    args.sources, args.no_dedup, args.symmetrized = [f"builtin:{args.n}:{args.seed}"], False, False
-    args.seed = 1337  # the split seed; --seed above chose the structures
-    return _cmd_build(args)
+    # --seed picks the generated structures; the train/val split keeps build's default seed.
+    return _build_with_bar(args.out, [f"builtin:{args.n}:{args.seed}"], val_fraction=args.val_fraction,
+                           workers=args.workers, overwrite=args.overwrite)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
