@@ -167,8 +167,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialised on purpose: attention only ever reads positions below `pos`, which were written.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
 
     @classmethod
