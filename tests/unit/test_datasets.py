@@ -48,13 +48,17 @@ def mp20_csv(mp20_rows, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(mp20_csv, tmp_path_factory) -> tuple[Path, dict]:
+def built(mp20_csv, tmp_path_factory) -> tuple[Path, dict, list]:
     out = tmp_path_factory.mktemp("built") / "mp20"
-    return out, build_dataset([mp20_csv], out, val_fraction=0.2, seed=7, workers=1)
+    calls: list[tuple[int, int]] = []
+    stats = build_dataset([mp20_csv], out, val_fraction=0.2, seed=7, workers=1,
+                          progress=lambda done, total: calls.append((done, total)))
+    return out, stats, calls
 
 
 def test_csv_build_decodes_back_to_canonical_cifs(built, mp20_rows):
-    out, stats = built
+    out, stats, progress_calls = built
+    assert progress_calls[0] == (0, 20) and progress_calls[-1] == (20, 20) and progress_calls == sorted(progress_calls)
     assert stats["inputs"] == 20 and stats["accepted"] + stats["rejected"] == 20
     assert stats["train_cifs"] + stats["val_cifs"] == stats["accepted"] - stats["duplicates_removed"]
     assert stats["val_cifs"] == round(0.2 * (stats["train_cifs"] + stats["val_cifs"]))
@@ -75,7 +79,7 @@ def test_csv_build_decodes_back_to_canonical_cifs(built, mp20_rows):
 
 
 def test_meta_files_are_crystallm_layout(built):
-    out, _ = built
+    out, _, _ = built
     with open(out / "meta.pkl", "rb") as fh:
         meta = pickle.load(fh)
     assert meta["vocab_size"] == 371 and len(meta["itos"]) == 371
@@ -89,7 +93,7 @@ def test_meta_files_are_crystallm_layout(built):
 
 
 def test_split_is_seeded_and_worker_count_does_not_change_output(built, mp20_csv, tmp_path):
-    out, _ = built
+    out, _, _ = built
     again = tmp_path / "again"
     build_dataset([mp20_csv], again, val_fraction=0.2, seed=7, workers=2)
     for f in ("train.bin", "val.bin", "starts.pkl", "index.jsonl"):
