@@ -139,6 +139,11 @@ def save_checkpoint(
 
     Returns:
         The path written.
+
+    Raises:
+        TypeError: ``model`` is not a GPT, or a value is not plain data (numbers, strings, containers,
+            tensors; numpy values, paths and dates are converted). Nothing is written.
+        ValueError: an ``extra`` key collides with a standard key.
     """
     path = Path(path)
     bare = _unwrap(model)
