@@ -58,10 +58,10 @@ _P_BLOCK_CATIONS = _METALLOID_CATIONS | {"Bi"}
 _P_BLOCK_MIN_ANION_X = 2.58
 _P_BLOCK_MIN_DELTA_X = 0.35
 
-RADIUS_RATIO_LIMITS = {"max_at_cn4": 0.90, "min_at_cn8": 0.60}
+RADIUS_RATIO_LIMITS = {"max_at_cn4": 0.90, "min_at_cn8": 0.60, "min_at_cn12": 0.80}
 """Loose Pauling radius-ratio rule on (average cationic radius / average anionic radius), dimensionless: a
-cation with 4 or fewer anion neighbours must not be larger than this fraction of the anion, one with 8 or more
-must not be smaller (keeps LiCl out of the CsCl type and CsCl out of zinc blende)."""
+cation with 4 or fewer anion neighbours must not be larger than this fraction of the anion, one with 8 (12) or
+more must not be smaller (keeps LiCl out of the CsCl type, CsCl out of zinc blende, Mn off the perovskite A site)."""
 
 
 @lru_cache(maxsize=1)
@@ -214,6 +214,8 @@ def _radius_ratio_ok(tpl: _Template, elements: dict[str, str], charges: dict[str
         if cn <= 4 and ratio > RADIUS_RATIO_LIMITS["max_at_cn4"]:
             return False
         if cn >= 8 and ratio < RADIUS_RATIO_LIMITS["min_at_cn8"]:
+            return False
+        if cn >= 12 and ratio < RADIUS_RATIO_LIMITS["min_at_cn12"]:
             return False
     return True
 

@@ -63,7 +63,16 @@ class Prototype:
         return tuple(dict.fromkeys(role for role, _ in self.sites))
 
 
-def _p(name, sg, lattice, c_over_a, sites, bonds, **kw) -> Prototype:
+def _p(
+    name: str,
+    sg: str,
+    lattice: str,
+    c_over_a: float,
+    sites: list[tuple[str, tuple[float, float, float]]],
+    bonds: list[tuple[str, str]],
+    **kw,
+) -> Prototype:
+    """Compact constructor for the table below."""
     return Prototype(name, sg, lattice, c_over_a, tuple(sites), tuple(bonds), **kw)
 
 
