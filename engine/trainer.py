@@ -240,7 +240,8 @@ class _Session:
         extra = {"mode": self.config.init_from, "tracker": self.tracker.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, iter_num=step,
-                        best_val_loss=self.tracker.best, config=self.config.to_dict(), meta=meta, extra=extra)
+                        best_val_loss=self.tracker.best if math.isfinite(self.tracker.best) else None,
+                        config=self.config.to_dict(), meta=meta, extra=extra)
         return path
 
     def stop_requested(self, signals: SignalStop) -> bool:
