@@ -1,0 +1,128 @@
+"""Evaluation: killable time-boxed workers, deterministic order, set metrics, sample-set folders and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Lattice, Structure
+
+from engine.evaluate import add_cli, evaluate_sample_set, evaluate_texts
+from engine.fsutil import atomic_write_json, read_json
+from engine.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
+from engine.tokenizer import encode
+from engine.vocab import meta_dict
+
+
+def _texts(golden_canonical, n: int) -> list[tuple[str, str]]:
+    return [(r["id"], r["decoded"]) for r in golden_canonical if r.get("decoded")][:n]
+
+
+def _big_p1_cif() -> str:
+    """A 216-atom jittered rock-salt supercell in P1: CrystalNN needs seconds on it (no equivalent sites)."""
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    s.make_supercell(3)
+    s.perturb(0.05)
+    rows = "\n".join(
+        f"{x.specie} {x.specie}{i} 1 {x.frac_coords[0]:.4f} {x.frac_coords[1]:.4f} {x.frac_coords[2]:.4f} 1"
+        for i, x in enumerate(s)
+    )
+    return (
+        "data_Na108Cl108\n_symmetry_space_group_name_H-M P1\n_cell_length_a 16.9200\n_cell_length_b 16.9200\n"
+        "_cell_length_c 16.9200\n_cell_angle_alpha 90.0000\n_cell_angle_beta 90.0000\n_cell_angle_gamma 90.0000\n"
+        "_symmetry_Int_Tables_number 1\n_chemical_formula_structural NaCl\n_chemical_formula_sum 'Na108 Cl108'\n"
+        "_cell_volume 4843.9000\n_cell_formula_units_Z 108\nloop_\n_symmetry_equiv_pos_site_id\n"
+        "_symmetry_equiv_pos_as_xyz\n1 'x, y, z'\nloop_\n_atom_site_type_symbol\n_atom_site_label\n"
+        "_atom_site_symmetry_multiplicity\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+        f"_atom_site_occupancy\n{rows}\n\n"
+    )
+
+
+def test_pool_matches_in_process_and_keeps_order(golden_canonical):
+    items = _texts(golden_canonical, 5)
+    items.insert(2, ("cut", items[0][1][:300]))
+    seen = []
+    pooled = evaluate_texts(items, workers=2, timeout_s=60, progress=lambda d, t: seen.append((d, t)))
+    local = evaluate_texts(items, workers=1, timeout_s=None)
+    assert list(pooled["file"]) == [name for name, _ in items]
+    pd.testing.assert_frame_equal(pooled, local)
+    assert seen[-1] == (6, 6) and len(seen) == 6
+    assert pooled.loc[2, "failure_reason"] == "truncated" and not pooled.loc[2, "parse_ok"]
+    assert pooled.loc[0, "generated_length"] == len(encode(items[0][1]))
+    assert pooled["is_valid"].sum() == 5
+
+
+def test_timeout_kills_the_worker_and_the_rest_still_get_evaluated(golden_canonical):
+    good = _texts(golden_canonical, 3)
+    items = [good[0], ("slow", _big_p1_cif()), good[1], good[2]]
+    df = evaluate_texts(items, workers=2, timeout_s=0.5, raw=True)
+    assert df.loc[1, "failure_reason"] == "timeout" and df.loc[1, "is_valid"] == False  # noqa: E712
+    assert list(df["is_valid"][[0, 2, 3]]) == [True, True, True]
+
+
+def _dup_texts(golden_canonical) -> list[tuple[str, str]]:
+    a, b = _texts(golden_canonical, 2)
+    return [("a1", a[1]), ("a2", a[1]), ("b", b[1]), ("cut", a[1][:250])]
+
+
+def test_set_metrics_uniqueness_novelty_and_definitions(golden_canonical):
+    items = _dup_texts(golden_canonical)
+    df = evaluate_texts(items, workers=1, timeout_s=None)
+    training = TrainingIndex.from_cifs([items[2][1]])  # b is in the training set, a is not
+    m = set_metrics(df, train_index=training)
+    assert set(m) == set(METRIC_DEFINITIONS) and all(v["definition"] for v in m.values())
+    assert m["n"]["value"] == 4
+    assert m["parse_rate"]["value"] == 0.75 and m["validity"]["value"] == 0.75
+    assert m["uniqueness_all"]["value"] == 0.5 and m["uniqueness_valid"]["value"] == 0.5
+    assert m["novelty"]["value"] == 0.5 and m["unique_novel_valid_rate"]["value"] == 0.25
+    assert m["failure_counts"]["value"] == {"truncated": 1}
+    assert sum(m["formula_counts"]["value"].values()) == 3
+    assert m["formula_hit_rate"]["value"] is None  # no prompt
+    avg = macro_average([m, set_metrics(df.iloc[:1])])
+    assert avg["validity"]["value"] == (0.75 + 1.0) / 2 and "macro-average" in avg["validity"]["definition"]
+    assert sum(avg["formula_counts"]["value"].values()) == 4
+
+
+def test_training_index_from_dataset_decodes_by_formula(tmp_path, golden_canonical):
+    views = [r["model_view"] for r in golden_canonical if r.get("model_view")][:3]
+    ids = np.array([t for v in views for t in encode(v)], dtype="<u2")
+    ids.tofile(tmp_path / "train.bin")
+    ids[:0].tofile(tmp_path / "val.bin")
+    atomic_write_json(tmp_path / "meta.json", meta_dict())
+    index = TrainingIndex.from_dataset(tmp_path)
+    assert len(index) == 3
+    items = [("x", r["decoded"]) for r in golden_canonical if r.get("model_view")][:1]
+    df = evaluate_texts(items, workers=1, timeout_s=None)
+    structure = TrainingIndex.from_cifs([df.loc[0, "processed_cif"]]).structures(df.loc[0, "reduced_formula"])[0]
+    assert df.loc[0, "reduced_formula"] in index and not index.is_novel(structure)
+
+
+def test_sample_set_folder_and_cli(tmp_path, golden_canonical):
+    folder = tmp_path / "set"
+    (folder / "raw").mkdir(parents=True)
+    texts = [t for _, t in _dup_texts(golden_canonical)]
+    for i, text in enumerate(texts):
+        (folder / "raw" / f"{i:04d}.txt").write_text(text)
+    first = texts[0].splitlines()[0].removeprefix("data_")
+    atomic_write_json(folder / "config.json", {"prompt": {"text": f"data_{first}\n", "formula": first, "z": None,
+                                                          "spacegroup": None, "label": first}})
+    df, metrics = evaluate_sample_set(folder, workers=1, timeout_s=None)
+    table = pd.read_csv(folder / "eval.csv")
+    assert list(table["file"]) == ["0000.txt", "0001.txt", "0002.txt", "0003.txt"]
+    assert "processed_cif" not in table.columns
+    assert read_json(folder / "eval_summary.json")["validity"]["value"] == metrics["validity"]["value"] == 0.75
+    assert sorted(p.name for p in (folder / "processed").iterdir()) == ["0000.cif", "0001.cif", "0002.cif"]
+    assert metrics["formula_hit_rate"]["value"] == 0.5  # two of four samples have the prompt's composition
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    out = tmp_path / "cli" / "eval.csv"
+    args = parser.parse_args(["evaluate", str(folder), "--out", str(out), "--workers", "2", "--timeout", "60"])
+    assert args.func(args) == 0
+    cli_table = pd.read_csv(out)
+    for column in ("file", "parse_ok", "is_valid", "formula_consistent", "multiplicity_consistent",
+                   "space_group_consistent", "bond_length_score", "reduced_formula", "spacegroup"):
+        assert column in cli_table.columns
+    assert list(cli_table["is_valid"]) == list(table["is_valid"])
+    assert read_json(out.with_name("eval_summary.json"))["n"]["value"] == 4
