@@ -1,0 +1,161 @@
+"""Report tables: the seed experiments' shapes and markdown layout, from hand-built evaluated sample sets.
+
+Each sample set is written the way the sampler (``config.json``) and the evaluator (``eval_summary.json`` with
+``{"value", "definition"}`` per metric) write them, with numbers chosen by hand so every cell of a table is known.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine.errors import InputError
+from engine.metrics import METRIC_DEFINITIONS
+from engine.report import (
+    compare_sample_sets,
+    macro_display,
+    macro_table,
+    per_checkpoint_table,
+    per_prompt_table,
+    summary_markdown,
+    sweep_rows,
+    write_sweep_report,
+)
+
+SHA = "abcdef0123456789" * 4
+
+
+def _set(folder: Path, *, ckpt: str = "nacl10", prompt: str = "Na2Cl2", t: float = 0.8, k: int = 10, n: int = 10,
+         seed: int = 1, step: int = 450, evaluated: bool = True, **metrics) -> Path:
+    """Write a sample set's config.json and (unless not ``evaluated``) eval_summary.json and eval.csv."""
+    folder.mkdir(parents=True)
+    config = {
+        "prompt": {"text": f"data_{prompt}\n", "formula": prompt, "z": 2, "spacegroup": None, "label": prompt},
+        "sampling": {"n": n, "temperature": t, "top_k": k, "top_p": 1.0, "seed": seed, "max_new_tokens": 3000},
+        "checkpoint": {"path": f"/runs/{ckpt}.pt", "step": step, "sha256": SHA, "run": ckpt},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    if evaluated:
+        values = {name: None for name in METRIC_DEFINITIONS}
+        values.update(n=n, **metrics)
+        summary = {name: {"value": v, "definition": METRIC_DEFINITIONS[name]} for name, v in values.items()}
+        (folder / "eval_summary.json").write_text(json.dumps(summary))
+        pd.DataFrame({"file": [f"{i:04d}.txt" for i in range(n)], "parse_ok": [True] * n}).to_csv(
+            folder / "eval.csv", index=False)
+    return folder
+
+
+NACL10 = dict(parse_rate=1.0, validity=1.0, formula_hit_rate=1.0, uniqueness_all=0.5, uniqueness_valid=0.4,
+              distinct_formulas=1, distinct_spacegroups=2)
+
+
+def test_nacl10_table_has_the_seed_layout(tmp_path):
+    df = compare_sample_sets([_set(tmp_path / "s", **NACL10)], labels=["nacl10"])
+    md = summary_markdown(df, title="NaCl-10", checkpoints={"nacl10": "train/nacl_ft_small/ckpt/best.pt"})
+    lines = md.splitlines()
+    i = lines.index("## Per checkpoint")
+    assert lines[i + 2 : i + 5] == [
+        "| checkpoint | prompt | n | parsed | valid | formula hits | unique (valid) | space groups |",
+        "|:---|:---|---:|---:|---:|---:|---:|---:|",
+        "| nacl10 | Na2Cl2 | 10 | 10/10 (100%) | 10/10 (100%) | 10/10 (100%) | 4/10 (40%) | 2 |",
+    ]
+    assert lines[0] == "# NaCl-10"
+    assert "Sampling: T = 0.8, top-k = 10, top-p = 1, seed = 1, at most 3000 new tokens." in lines
+    assert f"- `nacl10`: train/nacl_ft_small/ckpt/best.pt (step 450, sha256 {SHA[:12]})" in lines
+    assert "## Per prompt: valid" not in md and "## Macro-average over prompts" not in md  # one prompt
+    # every column shown is defined under the table, in the evaluator's words; columns not shown are not
+    assert f"- **valid**: {METRIC_DEFINITIONS['validity']}" in lines
+    assert f"- **unique (valid)**: {METRIC_DEFINITIONS['uniqueness_valid']}" in lines
+    assert not any(line.startswith("- **unique**") or line.startswith("- **novelty**") for line in lines)
+
+
+def test_three_checkpoints_keep_their_order_and_optional_columns_appear_when_they_apply(tmp_path):
+    sets = [
+        _set(tmp_path / "a", ckpt="small", n=200, parse_rate=0.9, validity=0.75, formula_hit_rate=0.7,
+             uniqueness_valid=0.3, distinct_spacegroups=9, novelty=0.5),
+        _set(tmp_path / "b", ckpt="large", n=200, parse_rate=0.95, validity=0.8, formula_hit_rate=0.8,
+             uniqueness_valid=0.2, distinct_spacegroups=7, novelty=0.25),
+        _set(tmp_path / "c", ckpt="nacl10", n=200, parse_rate=1.0, validity=1.0, formula_hit_rate=1.0,
+             uniqueness_valid=0.02, distinct_spacegroups=1, novelty=0.0),
+    ]
+    table = per_checkpoint_table(compare_sample_sets(sets))
+    assert list(table["checkpoint"]) == ["small", "large", "nacl10"]  # as given, not alphabetical
+    assert list(table.columns) == ["checkpoint", "prompt", "n", "parsed", "valid", "formula hits",
+                                   "unique (valid)", "space groups", "novelty"]
+    assert table.iloc[0].tolist() == ["small", "Na2Cl2", "200", "180/200 (90%)", "150/200 (75%)",
+                                      "140/200 (70%)", "60/200 (30%)", "9", "50.0%"]
+
+
+def _ablation(tmp_path: Path) -> pd.DataFrame:
+    """Temperature ablation: 3 prompts x T 0.8 / 0.6 / 0.4; validity falls with T's rank, uniqueness too."""
+    dirs = []
+    for ti, t in enumerate((0.8, 0.6, 0.4)):
+        for pi, prompt in enumerate(("Na2Cl2", "Mg1O1", "Ti1O2")):
+            dirs.append(_set(tmp_path / f"{ti}{pi}", ckpt="small", prompt=prompt, t=t, k=5, n=200,
+                             parse_rate=0.9 + 0.03 * ti, validity=0.5 + 0.1 * ti + 0.05 * pi,
+                             uniqueness_all=0.9 - 0.2 * ti, uniqueness_valid=0.4 - 0.1 * ti,
+                             distinct_formulas=3 - ti, distinct_spacegroups=6 - ti + pi))
+    return compare_sample_sets(dirs)
+
+
+def test_temperature_ablation_macro_averages_over_prompts(tmp_path):
+    df = _ablation(tmp_path)
+    macro = macro_table(df)
+    assert list(macro["temperature"]) == [0.8, 0.6, 0.4] and set(macro["prompts"]) == {3}
+    first = macro.iloc[0]
+    assert first["valid_rate"] == pytest.approx((0.5 + 0.55 + 0.6) / 3)
+    assert first["distinct_spacegroups"] == pytest.approx(7.0)
+    display = macro_display(df)
+    assert list(display.columns) == ["checkpoint", "T", "prompts", "parsed", "valid", "unique", "unique (valid)",
+                                     "distinct formulas", "space groups"]
+    assert display.iloc[2].tolist() == ["small", "0.4", "3", "96.0%", "75.0%", "50.0%", "20.0%", "1.0", "5.0"]
+    md = summary_markdown(df)
+    assert "## Macro-average over prompts" in md
+    assert "| small | 0.4 | 3 | 96.0% | 75.0% | 50.0% | 20.0% | 1.0 | 5.0 |" in md
+    assert "Sampling: top-k = 5, top-p = 1, seed = 1" in md  # T varies, so it is a column instead
+
+
+def test_per_prompt_table_pivots_prompts_against_checkpoints_and_settings(tmp_path):
+    df = _ablation(tmp_path)
+    pivot = per_prompt_table(df)
+    assert list(pivot.columns) == ["prompt", "small T=0.8", "small T=0.6", "small T=0.4"]
+    assert list(pivot["prompt"]) == ["Na2Cl2", "Mg1O1", "Ti1O2"]
+    assert pivot.loc[1, "small T=0.6"] == "130/200 (65%)"  # validity 0.5 + 0.1 + 0.05
+    with pytest.raises(ValueError, match="metric must be one of"):
+        per_prompt_table(df, "validity")
+
+
+def test_unevaluated_or_foreign_folders_are_refused_by_name(tmp_path):
+    pending = _set(tmp_path / "pending", evaluated=False)
+    with pytest.raises(InputError, match="has not been evaluated: run `crystallab evaluate"):
+        compare_sample_sets([pending])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty is not a sample set"):
+        compare_sample_sets([tmp_path / "empty"])
+    with pytest.raises(InputError, match="one label per set"):
+        compare_sample_sets([pending], labels=["a", "b"])
+
+
+def test_labels_default_to_the_checkpoints_run(tmp_path):
+    df = compare_sample_sets([_set(tmp_path / "x", ckpt="run-7", **NACL10)])
+    assert df.loc[0, "checkpoint"] == "run-7" and df.loc[0, "checkpoint_sha256"] == SHA
+
+
+def test_write_sweep_report_writes_csv_markdown_and_every_sample(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = ["small__Na2Cl2__T0.8_k10_p1.0_n10_s1", "small__Mg1O1__T0.8_k10_p1.0_n10_s1"]
+    for name, prompt in zip(names, ("Na2Cl2", "Mg1O1")):
+        _set(sweep / "cells" / name, ckpt="ignored", prompt=prompt, **NACL10)
+    df = write_sweep_report(sweep, names, checkpoints={"small": "pretrained/small.pt"}, title="two prompts")
+    assert list(df["checkpoint"]) == ["small", "small"]  # the label comes from the cell name
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary["cell"]) == names and list(summary["n_unique_valid"]) == [4, 4]
+    assert len(pd.read_csv(sweep / "summary_macro.csv")) == 1
+    samples = pd.read_csv(sweep / "samples.csv")
+    assert len(samples) == 20 and set(samples["cell"]) == set(names)
+    md = (sweep / "summary.md").read_text()
+    assert md.startswith("# two prompts") and "- `small`: pretrained/small.pt" in md
+    assert sweep_rows(sweep, []).empty and "No evaluated sample sets yet" in summary_markdown(sweep_rows(sweep, []))
