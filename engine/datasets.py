@@ -102,13 +102,23 @@ def _process_chunk(payloads: list[tuple[str | None, Any]], symmetrized: bool) ->
     from engine.errors import CrystallabError
 
     out: list[_Canonical | str] = []
-    for text, structure in payloads:
-        try:
-            out.append(_canonicalize_one(text, structure, symmetrized))
-        except CrystallabError as exc:
-            out.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - one odd CIF must not sink a 100k-CIF build; it is reported
-            out.append(f"unexpected {type(exc).__name__} while canonicalizing: {exc}")
+    # spglib's C code prints "spglib: ... failed." lines on stderr for cells it retries; they garble the progress
+    # bar and say nothing the rejects do not. The variable is read at each call, so restoring it is enough.
+    previous = os.environ.get("SPGLIB_WARNING")
+    os.environ["SPGLIB_WARNING"] = "OFF"
+    try:
+        for text, structure in payloads:
+            try:
+                out.append(_canonicalize_one(text, structure, symmetrized))
+            except CrystallabError as exc:
+                out.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - one odd CIF must not sink a 100k-CIF build; it is reported
+                out.append(f"unexpected {type(exc).__name__} while canonicalizing: {exc}")
+    finally:
+        if previous is None:
+            os.environ.pop("SPGLIB_WARNING", None)
+        else:
+            os.environ["SPGLIB_WARNING"] = previous
     return out
 
 
