@@ -29,6 +29,13 @@ Constraints (optional, per step, vectorised over the batch by tracking each row'
   element) and anywhere on a line that began with an element (atom-site labels such as ``Na0``).
 - ``constrain_spacegroup``: right after ``_symmetry_space_group_name_H-M`` and its space, only the 227
   space-group tokens are allowed (so the symbol always parses).
+
+Sample sets (`sample_to_dir`, ``crystallab sample``): ``config.json`` (prompt, sampling parameters, checkpoint
+path/step/sha256/run, device, elapsed_s and tokens_per_s of generation), ``raw/NNNN.txt`` (full text, prompt
+included), ``processed/NNNN.cif`` (post-processed successes), ``samples.jsonl`` (per sample: index, n_new_tokens,
+finished, truncated_reason, postprocess_ok/reason/error). They are written into a hidden sibling folder renamed
+into place when complete; evaluation (``eval.csv``, ``eval_summary.json``) follows. The CLI draws ``--n`` samples
+per prompt: a reduced formula without ``--z`` gives one set per Z, in ``z1/``, ``z2/``, ... under ``--out``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -258,10 +266,13 @@ def generate(
         with torch.inference_mode(), autocast:
             for start in range(0, n, batch_size):
                 rows = list(range(start, min(n, start + batch_size)))
+                report = None
+                if progress is not None:
+                    report = functools.partial(lambda done, base: progress(base + done, n), base=len(results))
                 results.extend(
                     _generate_batch(
                         model, prompt_ids, rows, temperature, top_k or 0, top_p, max_new_tokens, seed,
-                        allowed_elements, constrain_spacegroup, device, use_cache, stop_at_cif_end,
+                        allowed_elements, constrain_spacegroup, device, use_cache, stop_at_cif_end, report,
                     )
                 )
                 if progress is not None:
@@ -285,8 +296,12 @@ def _generate_batch(
     device: torch.device,
     use_cache: bool,
     stop_at_cif_end: bool,
+    report: Callable[[int], None] | None,
 ) -> list[Generation]:
-    """Decode one batch of rows (global sample indices ``rows``) that all start from ``prompt_ids``."""
+    """Decode one batch of rows (global sample indices ``rows``) that all start from ``prompt_ids``.
+
+    ``report(k)`` is called whenever the number ``k`` of finished rows in this batch grows.
+    """
     block = model.config.block_size
     B, L0 = len(rows), len(prompt_ids)
     total = L0 + max_new_tokens
@@ -304,6 +319,7 @@ def _generate_batch(
     live = torch.ones(B, dtype=torch.bool, device=device)  # False once a slot's row has finished
     lengths = torch.full((B,), total, dtype=torch.long, device=device)  # final length of each local row
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    reported = 0
 
     cache = None
     if use_cache and L0 <= block:
@@ -328,6 +344,9 @@ def _generate_batch(
             live = live & ~done
         constraints.advance(nxt)
         n_live = int(live.sum())  # the step's one host-device synchronisation
+        if report is not None and B - n_live != reported:
+            reported = B - n_live
+            report(reported)
         if step == max_new_tokens - 1 or n_live == 0:
             break
         if 4 * (live.numel() - n_live) >= live.numel():
@@ -545,11 +564,9 @@ def _summary_line(set_dir: Path) -> str:
         f"finished {sum(r['finished'] for r in records)}",
         f"parse ok {sum(r['postprocess_ok'] for r in records)}",
     ]
-    summary = read_json(set_dir / "eval_summary.json")
-    if isinstance(summary, dict):
-        for key in ("n_valid", "valid_rate", "validity_rate"):
-            if key in summary:
-                parts.append(f"{key.replace('_', ' ')} {summary[key]}")
+    validity = (read_json(set_dir / "eval_summary.json") or {}).get("validity", {}).get("value")
+    if validity is not None:  # absent with --no-evaluate
+        parts.append(f"valid {validity:.1%}")
     config = read_json(set_dir / "config.json")
     parts.append(f"{config['tokens_per_s']} tokens/s")
     return ", ".join(parts) + f"  ->  {set_dir}"

@@ -87,6 +87,16 @@ def test_each_row_stops_at_its_own_cif_end_and_matches_a_solo_run():
     assert _ids(solo) == _ids(gens)
 
 
+def test_progress_reports_samples_as_they_finish():
+    model = _model(1, {NEWLINE_ID: 5.0})
+    calls = []
+    generate(model, PROMPT, n=8, max_new_tokens=12, temperature=1.0, top_k=0, seed=3, batch_size=4,
+             progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1] == (8, 8) and {t for _, t in calls} == {8}
+    assert any(0 < d < 4 for d in done)  # reported within the first batch, not only at its end
+
+
 def test_stop_at_cif_end_false_always_runs_the_full_budget():
     model = _model(1, {NEWLINE_ID: 4.0})
     gens = generate(model, PROMPT, n=3, max_new_tokens=30, seed=3, stop_at_cif_end=False)
@@ -172,7 +182,7 @@ def test_bad_sampling_parameters_are_refused(kwargs, error):
 
 
 @pytest.fixture(scope="module")
-def memorized(tmp_path_factory, golden_canonical):
+def memorized(_one_thread, tmp_path_factory, golden_canonical):
     """A checkpoint of a 1-layer GPT trained (about 3 s) to reproduce the shortest golden CIF, and that record."""
     record = min((r for r in golden_canonical if "error" not in r), key=lambda r: len(r["ids"]))
     ids = torch.tensor(record["ids"])
@@ -210,6 +220,18 @@ def test_sample_to_dir_writes_a_complete_sample_set_with_provenance(memorized, t
     assert structure.composition.reduced_formula == Structure.from_str(record["symmetrized_cif"], fmt="cif"
                                                                        ).composition.reduced_formula
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no partial folder left behind
+
+
+@pytest.mark.slow  # a real evaluation: worker process, CrystalNN bonds (about 10 s on a busy 2-core machine)
+def test_sample_to_dir_evaluates_the_finished_set(memorized, tmp_path):
+    ckpt, record = memorized
+    formula = record["model_view"].split("\n", 1)[0].removeprefix("data_")
+    out = sample_to_dir(ckpt, build_prompts(formula)[0], tmp_path / "set", n=1, temperature=0,
+                        max_new_tokens=400, device="cpu")
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert (out / "eval.csv").exists() and summary["n"]["value"] == 1
+    # The memorized text is the upstream-decoded golden CIF, so it gets the upstream verdict.
+    assert summary["validity"]["value"] == float(record["validity"]["is_valid"])
 
 
 def test_sample_to_dir_refuses_a_non_empty_folder_and_leaves_nothing_when_interrupted(memorized, tmp_path,
