@@ -11,24 +11,30 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pandas as pd
 from pymatgen.analysis.diffraction.xrd import XRDCalculator
 from pymatgen.analysis.local_env import CrystalNN
 from pymatgen.core import Element, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from engine import checks
 from engine.errors import InputError
 
 MAX_ANALYSIS_SITES = 500
 """Structures with more sites than this are refused: neighbour finding on them takes minutes."""
 
-IONIC_DELTA_X = 1.7
-"""Pauling electronegativity difference from which a bond is treated as ionic (CrystaLLM rule)."""
-RATIO_WINDOW = (0.68, 1.32)
-"""Reasonable range of bond length / expected length (dimensionless), CrystaLLM rule."""
-HYDROGEN_MAX_RATIO = 2.5
-"""Upper bound of bond length / expected length when hydrogen takes part (dimensionless)."""
+
+def load_structure(cif_text: str, label: str = "CIF") -> Structure:
+    """Parse CIF text (a post-processed sample, an uploaded file) into a Structure.
+
+    Raises:
+        InputError: the text is not a readable CIF; the message gives pymatgen's reason.
+    """
+    structure, reason, detail = checks.parse_structure(cif_text)
+    if structure is None:
+        raise InputError(f"{label} cannot be read as a crystal structure ({reason}: {detail}); "
+                         "check that it is a complete CIF")
+    return structure
 
 
 def _guard_size(structure: Structure) -> None:
@@ -99,53 +105,46 @@ def sites_table(structure: Structure) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def expected_bond_length(el1: str, el2: str) -> tuple[float | None, bool]:
-    """Expected length (Å) of a bond between two elements and whether it counts as ionic.
+def expected_bond_length(el1: str, el2: str) -> tuple[float, bool]:
+    """Expected length (Å) of a bond between two elements and whether it counts as ionic (CrystaLLM rule).
 
     Ionic (Pauling electronegativity difference >= 1.7): average cationic radius of the less electronegative
-    element plus average anionic radius of the other; otherwise the sum of atomic radii. None when pymatgen
-    has no radius for an element.
+    element plus average anionic radius of the other; otherwise the sum of atomic radii. Radii as in
+    ``engine.checks`` (the values behind CrystaLLM's published verdicts).
     """
-    e1, e2 = Element(el1), Element(el2)
-    x1, x2 = e1.X, e2.X
-    ionic = bool(np.isfinite(x1) and np.isfinite(x2) and abs(x1 - x2) >= IONIC_DELTA_X)
-    if ionic:
-        cation, anion = (e1, e2) if x1 < x2 else (e2, e1)
-        r_cat, r_an = float(cation.average_cationic_radius), float(anion.average_anionic_radius)
-        if r_cat > 0 and r_an > 0:
-            return r_cat + r_an, True
-    r1, r2 = e1.atomic_radius, e2.atomic_radius
-    if r1 is None or r2 is None:
-        return None, ionic
-    return float(r1) + float(r2), ionic
+    a, b = Element(el1), Element(el2)
+    if abs(a.X - b.X) >= checks.IONIC_DELTA_X:
+        cation, anion = (a, b) if a.X < b.X else (b, a)
+        return checks.cationic_radius(cation.symbol) + float(anion.average_anionic_radius), True
+    return float(a.atomic_radius) + float(b.atomic_radius), False
 
 
 def neighbour_bonds(structure: Structure) -> pd.DataFrame:
-    """CrystalNN nearest-neighbour bonds with their expected lengths.
+    """CrystalNN nearest-neighbour bonds with their expected lengths, judged as the CrystaLLM score judges them.
 
     Returns:
         One row per (site, neighbour) bond: ``site, element, neighbour, distance`` (Å), ``expected`` (Å),
-        ``ratio`` (distance / expected), ``ionic``, ``reasonable``. Each bond appears once from each end,
-        as in the CrystaLLM score.
+        ``ratio`` (distance / expected), ``ionic``, ``reasonable``. Each bond appears once from each end and
+        bonds from a site to its own periodic image are left out, as in the CrystaLLM score.
     """
     _guard_size(structure)
     nn = CrystalNN()
     rows = []
+    lo, hi = 1 - checks.BOND_TOLERANCE, 1 + checks.BOND_TOLERANCE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CrystalNN warns about guessed oxidation states on every call
         for i, site in enumerate(structure):
             for info in nn.get_nn_info(structure, i):
+                if info["site_index"] == i:
+                    continue
                 other = info["site"]
                 el1, el2 = site.specie.symbol, other.specie.symbol
                 dist = float(site.distance(other))
                 expected, ionic = expected_bond_length(el1, el2)
-                ratio = dist / expected if expected else float("nan")
-                if "H" in (el1, el2):
-                    ok = bool(ratio < HYDROGEN_MAX_RATIO)
-                else:
-                    ok = bool(RATIO_WINDOW[0] < ratio < RATIO_WINDOW[1])
+                ratio = dist / expected
+                ok = ratio < checks.H_BOND_FACTOR if "H" in (el1, el2) else lo < ratio < hi
                 rows.append({"site": i, "element": el1, "neighbour": el2, "distance": dist,
-                             "expected": expected, "ratio": ratio, "ionic": ionic, "reasonable": ok})
+                             "expected": expected, "ratio": ratio, "ionic": ionic, "reasonable": bool(ok)})
     return pd.DataFrame(rows, columns=["site", "element", "neighbour", "distance", "expected", "ratio",
                                        "ionic", "reasonable"])
 

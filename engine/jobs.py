@@ -130,7 +130,12 @@ def _launch_lock(job_dir: Path) -> Iterator[None]:
 
 
 def launch_job(
-    argv: list[str], job_dir: str | os.PathLike, *, kind: str, target: str | os.PathLike | None = None
+    argv: list[str],
+    job_dir: str | os.PathLike,
+    *,
+    kind: str,
+    target: str | os.PathLike | None = None,
+    replace_finished: bool = False,
 ) -> dict:
     """Start ``crystallab <argv>`` as a detached process that outlives the caller.
 
@@ -140,6 +145,8 @@ def launch_job(
         kind: what the job does (``"train"``, ``"sample"``, ``"sweep"``, ``"data"``); shown in the UI.
         target: the output folder the command writes (a run, sample set or sweep); a stop request writes its
             ``STOP`` file there.
+        replace_finished: when ``job_dir`` holds a job that has ended, move its records to
+            ``history/<n>/`` and start the new one (e.g. resuming a stopped training run); otherwise refuse.
 
     Returns:
         The job record (``job.json`` contents) plus ``"reused": True`` when a job was already running in
@@ -156,10 +163,12 @@ def launch_job(
         if existing is not None:
             if pid_alive(existing.get("pid"), existing.get("pid_start")):
                 return {**existing, "reused": True}
-            raise InputError(
-                f"job folder {job_dir} already holds a {existing.get('kind', '')} job started at "
-                f"{existing.get('started_at')}; choose a new name to start another one"
-            )
+            if not replace_finished:
+                raise InputError(
+                    f"job folder {job_dir} already holds a {existing.get('kind', '')} job started at "
+                    f"{existing.get('started_at')}; choose a new name to start another one"
+                )
+            _archive(job_dir)
         log = open(job_dir / LOG_FILE, "ab")
         try:
             proc = subprocess.Popen(
@@ -185,6 +194,17 @@ def launch_job(
     # Reap the child when it exits (this process is its parent until the server restarts).
     threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
     return {**record, "reused": False}
+
+
+def _archive(job_dir: Path) -> None:
+    """Move an ended job's records into ``history/<n>/`` so a new job can start in the same folder."""
+    history = job_dir / "history"
+    n = 1 + max((int(p.name) for p in history.glob("*") if p.name.isdigit()), default=0)
+    dest = history / str(n)
+    dest.mkdir(parents=True)
+    for name in (JOB_FILE, LOG_FILE, EXIT_FILE, STOP_REQUEST_FILE):
+        if (job_dir / name).exists():
+            os.replace(job_dir / name, dest / name)
 
 
 def job_state(job_dir: str | os.PathLike) -> dict:
@@ -232,8 +252,17 @@ def job_state(job_dir: str | os.PathLike) -> dict:
         return {**out, "state": "stopped", "message": "stopped on request"}
     if rc == 0:
         return {**out, "state": "finished", "message": "finished"}
-    reason = (run_status or {}).get("error") or exit_rec.get("error") or f"exit status {rc}"
+    reason = ((run_status or {}).get("error") or exit_rec.get("error") or _error_line(job_dir)
+              or f"exit status {rc}")
     return {**out, "state": "failed", "message": f"failed: {reason}"}
+
+
+def _error_line(job_dir: Path) -> str | None:
+    """The last ``error: ...`` line the CLI printed (a user error, already readable)."""
+    for line in reversed(tail_log(job_dir, 50).splitlines()):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    return None
 
 
 def _signal_group(job: dict, sig: int) -> bool:
@@ -298,6 +327,20 @@ def tail_log(job_dir: str | os.PathLike, n: int = 40, max_bytes: int = 256_000) 
         return ""
     lines = data.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()
     return "\n".join(lines[-n:])
+
+
+# tqdm bars ("12/100 [00:03<...") and bracketed counters ("[3/8] cell ...") as the CLI commands print them.
+_PROGRESS = re.compile(r"(\d+)/(\d+) \[|^\[(\d+)/(\d+)\]")
+
+
+def progress(job_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """``(done, total)`` from the job's latest progress line (a tqdm bar or a ``[done/total]`` counter), or None."""
+    for line in reversed(tail_log(job_dir, 5).splitlines()):
+        found = _PROGRESS.findall(line.strip())
+        if found:
+            groups = [g for g in found[-1] if g]
+            return int(groups[0]), int(groups[1])
+    return None
 
 
 def list_jobs(root: str | os.PathLike) -> list[Path]:

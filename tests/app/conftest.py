@@ -6,15 +6,26 @@ here re-point them at session folders so the npm download and the tiny pipeline 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from engine.viewer import ensure_3dmol_js
 
 
+def load_lab_module():
+    """``tests/app/lab.py`` (tests folders are not packages; tests/e2e loads it the same way)."""
+    spec = importlib.util.spec_from_file_location("crystallab_test_lab", Path(__file__).with_name("lab.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def asset_cache(tmp_path_factory):
     """A cache folder holding 3Dmol.js, fetched from the npm registry once per session."""
-    cache = tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.getbasetemp() / "crystallab-cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("CRYSTALLAB_CACHE", str(cache))
     try:
@@ -30,3 +41,17 @@ def use_asset_cache(asset_cache, _isolated_runs, monkeypatch):
     """Point this test's CRYSTALLAB_CACHE at the session cache (after the root fixture isolated it)."""
     monkeypatch.setenv("CRYSTALLAB_CACHE", str(asset_cache))
     return asset_cache
+
+
+@pytest.fixture(scope="session")
+def lab_runs(tmp_path_factory, asset_cache) -> Path:
+    """Runs root holding the tiny lab (dataset ``tiny``, run ``tiny``, sample set ``nacl``, sweep ``tiny``)."""
+    return load_lab_module().make_lab(tmp_path_factory.getbasetemp() / "crystallab-lab", asset_cache)
+
+
+@pytest.fixture
+def lab(lab_runs, asset_cache, _isolated_runs, monkeypatch) -> Path:
+    """This test reads and writes the session lab."""
+    monkeypatch.setenv("CRYSTALLAB_RUNS", str(lab_runs))
+    monkeypatch.setenv("CRYSTALLAB_CACHE", str(asset_cache))
+    return lab_runs

@@ -61,3 +61,19 @@ def test_huge_structures_are_refused(nacl):
     big = nacl * (6, 6, 3)  # 864 sites
     with pytest.raises(InputError, match="sites"):
         analysis.neighbour_bonds(big)
+
+
+def test_bond_table_agrees_with_the_validity_score(nacl):
+    from engine.checks import bond_length_score
+
+    half_bad = nacl.copy()
+    half_bad.translate_sites([4], [0.2, 0.0, 0.0])  # one Cl 1.13 Å off centre: its short bonds fail
+    for s in (nacl, half_bad):
+        bonds = analysis.neighbour_bonds(s)
+        assert bonds.reasonable.mean() == pytest.approx(bond_length_score(s))
+    assert 0 < analysis.neighbour_bonds(half_bad).reasonable.mean() < 1
+
+
+def test_unreadable_cif_is_a_user_error():
+    with pytest.raises(InputError, match="cannot be read"):
+        analysis.load_structure("data_x\n_cell_length_a 3\n", label="upload.cif")

@@ -1,0 +1,229 @@
+"""Pieces shared by the dashboard pages: error display, run-folder pickers, the job panel and the 3D view.
+
+Only Streamlit glue lives here; every computation is an engine call. Pages list what exists by reading the run
+folders on each rerun (cheap directory scans), so work launched from another tab, or before a server restart,
+shows up without any in-memory state.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import streamlit as st
+
+from engine import jobs
+from engine.errors import CrystallabError
+from engine.settings import Settings, get_settings
+
+POLL_S = 2.0
+"""Seconds between refreshes of live views (job state, loss curves)."""
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+@contextmanager
+def user_errors(stop: bool = True) -> Iterator[None]:
+    """Show a user's mistake as a readable message instead of a traceback (and stop the page if ``stop``)."""
+    try:
+        yield
+    except CrystallabError as exc:
+        st.error(str(exc), icon=":material/error:")
+        if stop:
+            st.stop()
+    except FileNotFoundError as exc:
+        st.error(f"not found: {exc.filename or exc}", icon=":material/error:")
+        if stop:
+            st.stop()
+
+
+def rel(path: Path) -> str:
+    """A path as shown to the user: relative to the runs root when inside it."""
+    try:
+        return str(Path(path).relative_to(settings().runs_dir))
+    except ValueError:
+        return str(path)
+
+
+@st.cache_resource(show_spinner=False)
+def device_summary() -> dict:
+    """What the server computes on (torch is imported once per server process)."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {"device": "cuda", "name": props.name, "memory_gb": props.total_memory / 2**30,
+                "count": torch.cuda.device_count()}
+    return {"device": "cpu", "name": f"{os.cpu_count()} CPU cores", "memory_gb": None, "count": 0}
+
+
+def sidebar() -> None:
+    """Shared sidebar: where runs live, the compute device, running jobs."""
+    s = settings()
+    with st.sidebar:
+        st.caption("Runs root")
+        st.code(str(s.runs_dir), language=None)
+        dev = device_summary()
+        label = f"{dev['device']}: {dev['name']}"
+        if dev["memory_gb"]:
+            label += f" ({dev['memory_gb']:.0f} GiB)"
+        st.caption(f"Device: {label}")
+        running = [d for d in all_jobs() if jobs.job_state(d)["state"] == "running"]
+        if running:
+            st.caption("Running: " + ", ".join(f"{d.parent.name}/{d.name}" for d in running))
+
+
+# --- what exists under the runs root -------------------------------------------------------------------------
+
+def jobs_root(kind: str) -> Path:
+    """Folder holding the job folders of one kind (``runs/jobs/<kind>/<name>/``)."""
+    return settings().runs_dir / "jobs" / kind
+
+
+def all_jobs() -> list[Path]:
+    root = settings().runs_dir / "jobs"
+    if not root.is_dir():
+        return []
+    return [d for kind in sorted(root.iterdir()) if kind.is_dir() for d in jobs.list_jobs(kind)]
+
+
+def _dirs(root: Path, marker: str) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (p / marker).exists()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def datasets() -> list[Path]:
+    """Token datasets (folders with ``train.bin``), newest first."""
+    return _dirs(settings().datasets_dir, "train.bin")
+
+
+def train_runs() -> list[Path]:
+    """Training run folders (with ``status.json``), newest first."""
+    return _dirs(settings().train_dir, "status.json")
+
+
+def checkpoints() -> list[Path]:
+    """Every checkpoint of every training run, newest run first (``best`` before ``last``)."""
+    out = []
+    for run in _dirs(settings().train_dir, "ckpt"):
+        out += sorted((run / "ckpt").glob("*.pt"), key=lambda p: (p.stem != "best", p.name))
+    return out
+
+
+def sample_sets() -> list[Path]:
+    """Sample sets (folders with ``config.json``) under ``runs/samples/``, newest first."""
+    return _dirs(settings().samples_dir, "config.json")
+
+
+def sweeps() -> list[Path]:
+    """Sweep folders (with ``sweep.yaml``), newest first."""
+    return _dirs(settings().sweeps_dir, "sweep.yaml")
+
+
+def pick_path(label: str, options: list[Path], *, key: str, help: str | None = None,
+              allow_custom: bool = False) -> Path | None:
+    """A selectbox over discovered folders/files, optionally with a typed path checked by the settings."""
+    choices = [rel(p) for p in options]
+    custom = "other path..."
+    if allow_custom:
+        choices.append(custom)
+    if not choices:
+        return None
+    choice = st.selectbox(label, choices, key=key, help=help)
+    if choice == custom:
+        typed = st.text_input("Path on the server", key=f"{key}_path",
+                              help="Absolute, or relative to the runs root; its folder must be allowed "
+                                   "(CRYSTALLAB_DATA_DIRS).")
+        if not typed.strip():
+            st.stop()
+        with user_errors():
+            return settings().resolve_user_path(typed.strip())
+    return options[choices.index(choice)]
+
+
+# --- jobs ----------------------------------------------------------------------------------------------------
+
+_STATE_ICONS = {"running": ":material/progress_activity:", "finished": ":material/check_circle:",
+                "stopped": ":material/stop_circle:", "failed": ":material/error:", "died": ":material/error:"}
+
+
+def launch(argv: list[str], kind: str, name: str, target: Path, replace_finished: bool = False) -> dict:
+    """Start a detached job (or re-attach to the one already running under this name) and follow it."""
+    record = jobs.launch_job(argv, jobs_root(kind) / name, kind=kind, target=target,
+                             replace_finished=replace_finished)
+    st.session_state[f"job_{kind}"] = str(jobs_root(kind) / name)
+    if record["reused"]:
+        st.info(f"{kind} job {name!r} was already running (started {record['started_at']}); following it")
+    return record
+
+
+def current_job(kind: str) -> Path | None:
+    """The job of this kind this session launched, else the newest one still running (re-attach on reload)."""
+    chosen = st.session_state.get(f"job_{kind}")
+    if chosen:
+        return Path(chosen)
+    for d in jobs.list_jobs(jobs_root(kind)):
+        if jobs.job_state(d)["state"] == "running":
+            return d
+    return None
+
+
+def live_job(job_dir: Path, *, key: str, stoppable: bool = True) -> dict:
+    """A job panel that refreshes itself while the job runs, then reruns the page once when it ends."""
+    state = jobs.job_state(job_dir)
+    if state["state"] != "running":
+        return job_panel(job_dir, key=key, stoppable=stoppable)
+
+    @st.fragment(run_every=POLL_S)
+    def _watch() -> None:
+        if job_panel(job_dir, key=key, stoppable=stoppable)["state"] != "running":
+            st.rerun(scope="app")  # outputs of the finished job appear on the page
+
+    _watch()
+    return state
+
+
+def job_panel(job_dir: Path, *, key: str, stoppable: bool = True, log_lines: int = 15) -> dict:
+    """State, log tail and stop button of one job; returns its state."""
+    state = jobs.job_state(job_dir)
+    icon = _STATE_ICONS.get(state["state"], ":material/help:")
+    show = {"running": st.info, "finished": st.success, "stopped": st.warning}.get(state["state"], st.error)
+    show(f"{job_dir.name}: {state['message']}", icon=icon)
+    if state["state"] == "running" and stoppable:
+        if st.button("Stop", key=f"{key}_stop", icon=":material/stop:"):
+            jobs.request_stop(job_dir, grace_s=jobs.DEFAULT_GRACE_S)
+            st.toast("Stop requested: the job saves and exits at its next step")
+    log = jobs.tail_log(job_dir, log_lines)
+    if log:
+        with st.expander("Log", expanded=state["state"] in ("failed", "died")):
+            st.code(log, language=None)
+    return state
+
+
+# --- structures ----------------------------------------------------------------------------------------------
+
+def structure_view(structure, *, key: str, height: int = 420) -> None:
+    """Interactive 3D view with style / repeat / label controls, or a plotly fallback saying why."""
+    from engine import viewer
+
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    style = c1.radio("Style", ["ball-and-stick", "space-filling"], horizontal=True, key=f"{key}_style")
+    rep = c2.select_slider("Supercell", ["1x1x1", "2x2x2", "3x3x3", "2x1x1", "2x2x1"], key=f"{key}_rep")
+    show_cell = c3.checkbox("Cell", value=True, key=f"{key}_cell")
+    labels = c4.checkbox("Labels", value=False, key=f"{key}_labels")
+    supercell = tuple(int(n) for n in rep.split("x"))
+    reason = viewer.asset_status()
+    if reason is None:
+        html = viewer.structure_view_html(structure, style=style, supercell=supercell, show_cell=show_cell,
+                                          labels=labels, width="100%", height=height)
+        st.iframe(html, height=height + 10)
+    else:
+        st.warning(f"3D viewer unavailable: {reason}. Showing a simple plot instead.",
+                   icon=":material/warning:")
+        st.plotly_chart(viewer.fallback_figure(structure, supercell), key=f"{key}_fallback")

@@ -1,0 +1,198 @@
+"""Sample page: pick a checkpoint, build a prompt, set the sampling knobs and generate (a detached job);
+then browse the results: a gallery with validity badges, a 3D view of the chosen crystal, CIF text, downloads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from engine import dashboard, jobs
+from engine.analysis import load_structure
+from engine.checkpoint import checkpoint_info
+from engine.errors import InputError
+from engine.fsutil import read_json
+from engine.prompts import build_prompts, spacegroup_choices
+from pages import common
+
+st.title("Sample")
+s = common.settings()
+PER_PAGE = 12
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _ckpt_info(path: str, mtime: float) -> dict:
+    return checkpoint_info(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _table(set_dir: str, mtime: float):
+    return dashboard.sample_table(set_dir)
+
+
+@st.cache_data(show_spinner=False)
+def _sg_options() -> list[str]:
+    return ["(any)"] + [f"{sym} ({n})" for n, sym in spacegroup_choices()]
+
+
+# --- generate ------------------------------------------------------------------------------------------------
+with st.expander("Generate", expanded=True):
+    ckpt = common.pick_path("Checkpoint", common.checkpoints(), key="sample_ckpt", allow_custom=True,
+                            help="Checkpoints of runs under runs/train/, or any path (e.g. CrystaLLM's ckpt.pt)")
+    if ckpt is None:
+        st.info("No checkpoint yet: train one on the Train page, or choose 'other path...'.")
+        st.stop()
+    with common.user_errors():
+        info = _ckpt_info(str(ckpt), ckpt.stat().st_mtime)
+    if info["problem"]:
+        st.error(f"{ckpt.name} cannot be used for sampling: {info['problem']}", icon=":material/error:")
+        st.stop()
+    st.caption(f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
+               f"{info['model_args'].get('block_size')} | best val loss {info['best_val_loss'] or '-'}"
+               + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
+
+    conditional = st.toggle("Condition on a composition", value=True, key="sample_conditional")
+    formula, z, sg = None, None, None
+    if conditional:
+        c1, c2, c3 = st.columns([2, 1, 2])
+        formula = c1.text_input("Formula", value="NaCl", key="sample_formula",
+                                help="A formula unit with Z (NaCl, Z=4) or a cell composition (Na4Cl4)")
+        z_in = c2.number_input("Z (0: try 1,2,3,4,6,8)", 0, 32, 0, key="sample_z")
+        z = int(z_in) or None
+        sg_label = c3.selectbox("Space group", _sg_options(), key="sample_sg",
+                                help="The 227 space groups the CrystaLLM vocabulary can express")
+        sg = None if sg_label == "(any)" else sg_label.split(" (")[0]
+    with common.user_errors():
+        prompts = build_prompts(formula, z=z, spacegroup=sg)
+    st.caption(f"{len(prompts)} prompt(s): " + ", ".join(p.label for p in prompts))
+
+    with st.form("sample_form"):
+        c1, c2, c3 = st.columns(3)
+        temperature = c1.slider("Temperature", 0.0, 2.0, 0.8, 0.05, key="sample_temp",
+                                help="0 = greedy; lower raises validity and lowers diversity")
+        top_k = c2.slider("Top-k (0 = off)", 0, 100, 10, key="sample_topk")
+        top_p = c3.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="sample_topp")
+        c1, c2, c3, c4 = st.columns(4)
+        n = c1.number_input("Samples per prompt", 1, 100_000, 8, key="sample_n")
+        max_tokens = c2.number_input("Max new tokens", 16, 20_000, 3000, key="sample_max_tokens")
+        seed = c3.number_input("Seed", 0, 2**31 - 1, 1337, key="sample_seed")
+        device = c4.selectbox("Device", ["auto", "cpu", "cuda"], key="sample_device")
+        default_name = f"{(prompts[0].formula or 'unconditional')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        name = st.text_input("Sample set name", value=default_name, key="sample_name")
+        go_ = st.form_submit_button("Generate", icon=":material/auto_awesome:", key="sample_generate")
+    if go_:
+        with common.user_errors():
+            name = jobs.check_name(name, "sample set name")
+            out = s.samples_dir / name
+            if out.exists():
+                raise InputError(f"sample set {name!r} already exists; choose another name")
+            argv = ["sample", "--ckpt", str(ckpt), "--n", str(int(n)), "--temperature", str(temperature),
+                    "--top-k", str(int(top_k)), "--top-p", str(top_p), "--max-new-tokens", str(int(max_tokens)),
+                    "--seed", str(int(seed)), "--device", device, "--out", str(out)]
+            if formula:
+                argv += ["--prompt", formula.strip()]
+            if z:
+                argv += ["--z", str(z)]
+            if sg:
+                argv += ["--sg", sg]
+            common.launch(argv, "sample", name, target=out)
+            st.session_state["sample_view"] = str(out)
+
+job = common.current_job("sample")
+if job is not None and jobs.job_state(job)["state"] == "running":
+    @st.fragment(run_every=common.POLL_S)
+    def _progress() -> None:
+        state = jobs.job_state(job)
+        if state["state"] != "running":
+            st.rerun(scope="app")
+        done = jobs.progress(job)
+        frac = done[0] / done[1] if done and done[1] else 0.0
+        st.progress(frac, text=f"Generating {job.name}: " + (f"{done[0]}/{done[1]} samples" if done
+                                                               else "loading the model..."))
+        if st.button("Stop", key="sample_stop", icon=":material/stop:"):
+            jobs.request_stop(job, grace_s=0)
+
+    _progress()
+elif job is not None:
+    state = jobs.job_state(job)
+    if state["state"] in ("failed", "died"):
+        common.job_panel(job, key="sample_job")
+
+# --- results -------------------------------------------------------------------------------------------------
+sets = dashboard.find_sample_sets(s.samples_dir)
+if not sets:
+    st.info("No sample set yet: generate one above.")
+    st.stop()
+view = st.session_state.get("sample_view")
+default = [i for i, p in enumerate(sets) if view and (p == Path(view) or Path(view) in p.parents)]
+set_dir = st.selectbox("Sample set", sets, index=default[0] if default else 0, format_func=common.rel,
+                       key="sample_set")
+cfg = read_json(set_dir / "config.json", {}) or {}
+summary = read_json(set_dir / "eval_summary.json", {}) or {}
+df = _table(str(set_dir), (set_dir / "samples.jsonl").stat().st_mtime
+            + ((set_dir / "eval.csv").stat().st_mtime if (set_dir / "eval.csv").exists() else 0))
+samp = cfg.get("sampling", {})
+st.caption(f"prompt {cfg.get('prompt', {}).get('label')} | T {samp.get('temperature')} | top-k "
+           f"{samp.get('top_k')} | top-p {samp.get('top_p')} | seed {samp.get('seed')} | checkpoint "
+           f"{cfg.get('checkpoint', {}).get('path')} (step {cfg.get('checkpoint', {}).get('step')}) | "
+           f"{cfg.get('samples_per_s')} samples/s on {cfg.get('device')}")
+counts = df["badge"].value_counts()
+c = st.columns(4)
+c[0].metric("Samples", len(df))
+c[1].metric("Valid", int(counts.get("valid", 0)))
+c[2].metric("Invalid", int(counts.get("invalid", 0)))
+c[3].metric("Unparsable", int(counts.get("unparsable", 0)))
+
+BADGES = {"valid": ":green-badge[:material/check: valid]", "invalid": ":orange-badge[:material/warning: invalid]",
+          "unparsable": ":red-badge[:material/close: unparsable]", "not evaluated": ":gray-badge[not evaluated]"}
+pages = max(1, -(-len(df) // PER_PAGE))
+page = st.number_input(f"Gallery page (of {pages})", 1, pages, 1, key="sample_page") if pages > 1 else 1
+cols = st.columns(4)
+for k, (_, row) in enumerate(df.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].iterrows()):
+    with cols[k % 4].container(border=True):
+        formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else "?"
+        sg_ = row.get("spacegroup") if isinstance(row.get("spacegroup"), str) else "?"
+        st.markdown(f"**#{row['index']}** {formula_} · {sg_}  \n{BADGES.get(row['badge'], row['badge'])}")
+        if st.button("View", key=f"sample_pick_{row['index']}", disabled=not row.get("postprocess_ok", False)):
+            st.session_state["sample_selected"] = int(row["index"])
+
+with st.expander(f"Table of all {len(df)} samples"):
+    shown = [c for c in ("index", "badge", "reduced_formula", "spacegroup", "stated_spacegroup", "n_atoms",
+                         "bond_length_score", "formula_hit", "spacegroup_hit", "failure_reason", "n_new_tokens")
+             if c in df.columns]
+    st.dataframe(df[shown], hide_index=True, key="sample_table")
+
+d1, d2 = st.columns(2)
+d1.download_button("All CIFs (zip)", dashboard.sample_set_zip(set_dir), f"{set_dir.name}.zip",
+                   mime="application/zip", key="sample_zip", icon=":material/download:")
+if (set_dir / "eval.csv").exists():
+    d2.download_button("Evaluation CSV", (set_dir / "eval.csv").read_bytes(), f"{set_dir.name}-eval.csv",
+                       mime="text/csv", key="sample_csv", icon=":material/download:")
+
+# --- one structure -------------------------------------------------------------------------------------------
+ok = df[df["postprocess_ok"].astype(bool)] if "postprocess_ok" in df.columns else df.iloc[0:0]
+if ok.empty:
+    st.warning("No sample of this set could be post-processed into a CIF; try a lower temperature or a "
+               "better-trained checkpoint.")
+    st.stop()
+sel = st.session_state.get("sample_selected")
+if sel not in set(ok["index"]):
+    sel = int(ok["index"].iloc[0])
+row = ok[ok["index"] == sel].iloc[0]
+cif_path = set_dir / "processed" / f"{row['name']}.cif"
+cif = cif_path.read_text(encoding="utf-8")
+st.subheader(f"Sample #{sel}: {row.get('reduced_formula', '')} {BADGES.get(row['badge'], '')}")
+left, right = st.columns([3, 2])
+with left:
+    with common.user_errors(stop=False):
+        common.structure_view(load_structure(cif, label=cif_path.name), key="sample_view3d")
+with right:
+    st.code(cif, language=None, height=360)
+    b1, b2 = st.columns(2)
+    b1.download_button("CIF", cif, f"{set_dir.name}-{row['name']}.cif", key="sample_cif",
+                       icon=":material/download:")
+    if b2.button("Open in Structure", key="sample_open", icon=":material/open_in_new:"):
+        st.session_state["structure_ref"] = json.dumps({"set": str(set_dir), "name": row["name"]})
+        st.switch_page("pages/structure.py")

@@ -1,0 +1,141 @@
+"""Structure page: one crystal in depth: 3D view, lattice and sites, symmetry at an adjustable tolerance,
+nearest-neighbour bonds against expected lengths, a simulated powder XRD pattern, and where it came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import analysis, dashboard
+from engine.fsutil import read_json
+from pages import common
+
+st.title("Structure")
+s = common.settings()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _bonds(cif: str):
+    return analysis.neighbour_bonds(analysis.load_structure(cif))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _xrd(cif: str, wavelength: str):
+    return analysis.xrd_pattern(analysis.load_structure(cif), wavelength=wavelength)
+
+
+# --- which structure -----------------------------------------------------------------------------------------
+ref = json.loads(st.session_state.get("structure_ref") or "{}")
+source = st.radio("Structure from", ["Sample set", "Upload a CIF", "Paste a CIF"], horizontal=True,
+                  key="structure_source")
+cif, label, provenance = None, "", None
+if source == "Sample set":
+    sets = dashboard.find_sample_sets(s.runs_dir, depth=5)
+    if not sets:
+        st.info("No sample set yet: generate one on the Sample page, or upload a CIF.")
+        st.stop()
+    default = [i for i, p in enumerate(sets) if ref.get("set") and p == Path(ref["set"])]
+    set_dir = st.selectbox("Sample set", sets, index=default[0] if default else 0, format_func=common.rel,
+                           key="structure_set")
+    names = sorted(p.stem for p in (set_dir / "processed").glob("*.cif"))
+    if not names:
+        st.warning("This sample set has no post-processed CIF.")
+        st.stop()
+    idx = names.index(ref["name"]) if ref.get("name") in names else 0
+    name = st.selectbox("Sample", names, index=idx, key="structure_sample")
+    cif = (set_dir / "processed" / f"{name}.cif").read_text(encoding="utf-8")
+    label = f"{common.rel(set_dir)}/{name}"
+    cfg = read_json(set_dir / "config.json", {}) or {}
+    provenance = {"prompt": cfg.get("prompt", {}).get("text"), "checkpoint": cfg.get("checkpoint"),
+                  "sampling": cfg.get("sampling")}
+    table = dashboard.sample_table(set_dir)
+    hit = table[table["name"] == name]
+    if len(hit):
+        provenance["evaluation"] = json.loads(hit.iloc[0].drop(labels=["name"]).to_json())
+elif source == "Upload a CIF":
+    up = st.file_uploader("CIF file", type=["cif"], key="structure_upload")
+    if up is None:
+        st.stop()
+    cif, label = up.getvalue().decode("utf-8", errors="replace"), up.name
+else:
+    cif = st.text_area("CIF text", height=200, key="structure_paste")
+    label = "pasted CIF"
+    if not cif.strip():
+        st.stop()
+
+with common.user_errors():
+    structure = analysis.load_structure(cif, label=label)
+
+# --- view and cell -------------------------------------------------------------------------------------------
+info = analysis.lattice_info(structure)
+st.subheader(f"{info['reduced_formula']} ({info['formula']}) · {label}")
+left, right = st.columns([3, 2])
+with left:
+    common.structure_view(structure, key="structure_view3d", height=460)
+with right:
+    c = st.columns(3)
+    c[0].metric("a (Å)", f"{info['a']:.4f}")
+    c[1].metric("b (Å)", f"{info['b']:.4f}")
+    c[2].metric("c (Å)", f"{info['c']:.4f}")
+    c = st.columns(3)
+    c[0].metric("α (°)", f"{info['alpha']:.2f}")
+    c[1].metric("β (°)", f"{info['beta']:.2f}")
+    c[2].metric("γ (°)", f"{info['gamma']:.2f}")
+    c = st.columns(3)
+    c[0].metric("Volume (Å³)", f"{info['volume']:.2f}")
+    c[1].metric("Density (g/cm³)", f"{info['density']:.3f}")
+    c[2].metric("Sites", info["n_sites"])
+    symprec = st.select_slider("Symmetry tolerance (Å)", [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5], value=0.1,
+                               key="structure_symprec", help="spglib symprec; CrystaLLM's checks use 0.1 Å")
+    with common.user_errors(stop=False):
+        sym = analysis.symmetry(structure, symprec=symprec)
+        if sym["error"]:
+            st.warning(sym["error"])
+        else:
+            st.markdown(f"**Space group** {sym['symbol']} (No. {sym['number']}), {sym['crystal_system']}, "
+                        f"point group {sym['point_group']}, {sym['n_operations']} operations; Wyckoff "
+                        f"{', '.join(sym['wyckoff'])}")
+
+tab_sites, tab_bonds, tab_xrd, tab_src = st.tabs(["Sites", "Bonds", "Powder XRD", "Provenance"])
+with tab_sites:
+    st.dataframe(analysis.sites_table(structure), hide_index=True, key="structure_sites")
+with tab_bonds:
+    with common.user_errors(stop=False):
+        bonds = _bonds(cif)
+        if bonds.empty:
+            st.warning("CrystalNN found no bonds (the CrystaLLM bond score counts this as a failure).")
+        else:
+            summary = analysis.bond_summary(bonds)
+            st.caption(f"{bonds['reasonable'].mean():.0%} of {len(bonds)} bonds within 0.68-1.32 of the expected "
+                       "length (ionic radii when the electronegativity difference is at least 1.7, else atomic "
+                       "radii); this fraction is the CrystaLLM bond-length score.")
+            st.dataframe(summary, hide_index=True, key="structure_bond_summary",
+                         column_config={"reasonable": st.column_config.ProgressColumn(
+                             "reasonable", min_value=0.0, max_value=1.0, format="percent")})
+            with st.expander("Every bond"):
+                st.dataframe(bonds, hide_index=True, key="structure_bonds")
+with tab_xrd:
+    wavelength = st.selectbox("Radiation", ["CuKa", "MoKa", "CoKa", "FeKa", "AgKa"], key="structure_xrd_wl")
+    with common.user_errors(stop=False):
+        peaks = _xrd(cif, wavelength)
+        fig = go.Figure(go.Bar(x=peaks["two_theta"], y=peaks["intensity"], width=0.3,
+                               customdata=peaks[["hkl", "d_spacing"]],
+                               hovertemplate="2θ %{x:.2f}°<br>I %{y:.1f}<br>%{customdata[0]}<br>"
+                                             "d %{customdata[1]:.4f} Å<extra></extra>"))
+        fig.update_layout(xaxis_title="2θ (degrees)", yaxis_title="intensity (max 100)", height=340,
+                          margin={"t": 20})
+        st.plotly_chart(fig, key="structure_xrd")
+        st.dataframe(peaks, hide_index=True, key="structure_peaks")
+with tab_src:
+    if provenance is None:
+        st.caption("Uploaded or pasted: no prompt or checkpoint.")
+    else:
+        if provenance.get("prompt"):
+            st.markdown("**Prompt**")
+            st.code(provenance["prompt"], language=None)
+        st.json({k: v for k, v in provenance.items() if k != "prompt"}, expanded=False)
+    st.download_button("CIF", cif, f"{info['reduced_formula']}.cif", key="structure_cif",
+                       icon=":material/download:")

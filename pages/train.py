@@ -1,0 +1,183 @@
+"""Train page: launch a training run (scratch, fine-tune or resume) as a detached job, then watch it live:
+loss curves, learning rate, throughput, ETA, device memory, the run's log, and a stop button."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import dashboard, jobs
+from engine.config import load_config
+from engine.errors import InputError
+from engine.runs import RunFolder
+from engine.settings import REPO_ROOT
+from pages import common
+
+st.title("Train")
+s = common.settings()
+PRESETS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
+
+# --- launch --------------------------------------------------------------------------------------------------
+with st.expander("Launch a run", expanded=not common.train_runs()):
+    mode = st.radio("Start from", ["scratch", "finetune", "resume"], horizontal=True, key="train_mode",
+                    captions=["a new model", "a checkpoint's weights, fresh optimizer", "an interrupted run"])
+    if mode == "resume":
+        resumable = [r for r in common.train_runs() if (r / "ckpt" / "last.pt").exists()
+                     and RunFolder(r).read_status().get("state") in ("stopped", "died", "failed")]
+        if not resumable:
+            st.info("No stopped, failed or died run with a checkpoint to resume.")
+        else:
+            run = common.pick_path("Run to resume", resumable, key="train_resume_run")
+            st.caption(RunFolder(run).read_status().get("message", ""))
+            if st.button("Resume", key="train_resume_go", icon=":material/play_arrow:"):
+                with common.user_errors():
+                    common.launch(["train", "--resume", str(run), "--no-progress"], "train", run.name,
+                                  target=run, replace_finished=True)
+                    st.session_state["train_watch"] = str(run)
+    else:
+        if not PRESETS:
+            st.error(f"No presets found in {REPO_ROOT / 'configs'}.")
+            st.stop()
+        default = next((i for i, p in enumerate(PRESETS) if p.stem == "tiny_cpu"), 0)
+        preset = st.selectbox("Preset", PRESETS, index=default, format_func=lambda p: p.stem, key="train_preset")
+        with common.user_errors():
+            base = load_config(preset)
+        init_ckpt = None
+        if mode == "finetune":
+            init_ckpt = common.pick_path("Checkpoint to fine-tune", common.checkpoints(), key="train_ckpt",
+                                         allow_custom=True, help="A run's checkpoint, or any path such as "
+                                                                 "CrystaLLM's crystallm_v1_small/ckpt.pt")
+            if init_ckpt is None:
+                st.info("No checkpoint found under runs/train/: choose 'other path...' or train from scratch.")
+                st.stop()
+        names = [p.name for p in common.datasets()]
+        if base.dataset not in names:
+            names.insert(0, base.dataset)
+        with st.form("train_form"):
+            c1, c2, c3 = st.columns(3)
+            name = c1.text_input("Run name", value=base.name, key="train_name",
+                                 help="Folder under runs/train/; two launches with one name start one run")
+            dataset = c2.selectbox("Dataset", names, index=names.index(base.dataset), key="train_dataset")
+            device = c3.selectbox("Device", ["auto", "cpu", "cuda"], index=["auto", "cpu", "cuda"].index(
+                base.device if base.device in ("auto", "cpu", "cuda") else "auto"), key="train_device")
+            c1, c2, c3, c4 = st.columns(4)
+            max_iters = c1.number_input("Steps", 1, 10**7, base.max_iters, key="train_steps")
+            lr = c2.number_input("Learning rate", 1e-7, 1.0, base.learning_rate, format="%.2e", key="train_lr")
+            batch = c3.number_input("Batch size", 1, 4096, base.batch_size, key="train_batch")
+            block = c4.number_input("Context (tokens)", 8, 8192, base.block_size or 1024, key="train_block")
+            c1, c2, c3, c4 = st.columns(4)
+            warmup = c1.number_input("Warmup steps", 0, 10**7, base.warmup_iters, key="train_warmup")
+            eval_every = c2.number_input("Evaluate every", 1, 10**7, base.eval_interval, key="train_eval")
+            dropout = c3.number_input("Dropout", 0.0, 0.9, float(base.dropout), 0.05, key="train_dropout")
+            seed = c4.number_input("Seed", 0, 2**31 - 1, base.seed, key="train_seed")
+            go_ = st.form_submit_button("Launch", icon=":material/rocket_launch:", key="train_launch")
+        if go_:
+            with common.user_errors():
+                name = jobs.check_name(name, "run name")
+                run_dir = s.train_dir / name
+                job_dir = common.jobs_root("train") / name
+                if run_dir.exists() and not (job_dir / jobs.JOB_FILE).exists():
+                    raise InputError(f"run {name!r} already exists in {run_dir}; choose another name or resume it")
+                overrides = [f"dataset={dataset}", f"init_from={mode}", f"device={device}",
+                             f"max_iters={int(max_iters)}", f"learning_rate={lr}", f"batch_size={int(batch)}",
+                             f"block_size={int(block)}", f"warmup_iters={int(warmup)}",
+                             f"eval_interval={int(eval_every)}", f"dropout={dropout}", f"seed={int(seed)}",
+                             f"name={name}"]
+                if init_ckpt is not None:
+                    overrides.append(f"init_ckpt={init_ckpt}")
+                load_config(preset, overrides)  # refuse impossible settings here, not in the background
+                argv = ["train", str(preset), "--run-dir", str(run_dir), "--no-progress"]
+                for o in overrides:
+                    argv += ["--set", o]
+                common.launch(argv, "train", name, target=run_dir)
+                st.session_state["train_watch"] = str(run_dir)
+
+# --- watch ---------------------------------------------------------------------------------------------------
+runs = common.train_runs()
+watch = st.session_state.get("train_watch")
+if watch and Path(watch) not in runs and (common.jobs_root("train") / Path(watch).name).exists():
+    # Just launched: the trainer has not written status.json yet; show the job so failures are visible.
+    common.live_job(common.jobs_root("train") / Path(watch).name, key="train_pending")
+if not runs:
+    st.info("No training run yet: launch one above (the tiny_cpu preset trains on CPU in about a minute).")
+    st.stop()
+index = runs.index(Path(watch)) if watch and Path(watch) in runs else 0
+run_dir = st.selectbox("Run", runs, index=index, format_func=lambda p: p.name, key="train_run")
+job_dir = common.jobs_root("train") / run_dir.name
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s"
+
+
+def _panel() -> str:
+    status = RunFolder(run_dir).read_status()
+    prog = dashboard.training_progress(run_dir)
+    state = status.get("state", "pending")
+    c = st.columns(7)
+    c[0].metric("State", state)
+    c[1].metric("Step", f"{prog['step']:,} / {prog['max_steps']:,}")
+    c[2].metric("Train loss", f"{prog['train_loss']:.4f}" if prog["train_loss"] is not None else "-")
+    c[3].metric("Best val loss", f"{prog['best_val_loss']:.4f}" if prog["best_val_loss"] is not None else "-")
+    c[4].metric("Learning rate", f"{prog['lr']:.2e}" if prog["lr"] is not None else "-")
+    c[5].metric("Tokens/s", f"{prog['tokens_per_s']:,.0f}" if prog["tokens_per_s"] else "-")
+    c[6].metric("ETA", _eta(prog["eta_s"]))
+    st.progress(prog["fraction"])
+    gpus = dashboard.gpu_memory()
+    mem = " | ".join(f"GPU{g['index']} {g['used_gb']:.1f}/{g['total_gb']:.0f} GiB" for g in gpus or [])
+    st.caption(f"Device: {prog['device'] or '-'}" + (f" | memory (all processes): {mem}" if mem else "")
+               + (f" | {status.get('message')}" if status.get("message") else ""))
+    if state in ("failed", "died"):
+        st.error(status.get("error") or status.get("message") or f"the run {state}", icon=":material/error:")
+    if status.get("warning"):
+        st.warning(status["warning"], icon=":material/warning:")
+
+    df = dashboard.metrics_frame(run_dir)
+    left, right = st.columns(2)
+    fig = go.Figure()
+    for split, dash in (("train", None), ("val", "dot")):
+        part = df[df["split"] == split]
+        if len(part):
+            fig.add_trace(go.Scatter(x=part["step"], y=part["loss"], name=split, mode="lines+markers",
+                                     line={"dash": dash}, marker={"size": 4}))
+    fig.update_layout(title="Loss (nats/token)", xaxis_title="step", height=320, margin={"t": 40})
+    left.plotly_chart(fig, key="train_loss_chart")
+    train = df[df["split"] == "train"]
+    fig = go.Figure(go.Scatter(x=train["step"], y=train["lr"], mode="lines", name="lr"))
+    fig.update_layout(title="Learning rate", xaxis_title="step", height=320, margin={"t": 40})
+    right.plotly_chart(fig, key="train_lr_chart")
+
+    if state == "running":
+        if st.button("Stop", key="train_stop", icon=":material/stop:",
+                     help="The trainer finishes its step, saves ckpt/last.pt and exits"):
+            if (job_dir / jobs.JOB_FILE).exists():
+                jobs.request_stop(job_dir)
+            else:  # started from the command line: the STOP file is the whole protocol
+                RunFolder(run_dir).request_stop()
+            st.toast("Stop requested")
+    log = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-20:] if (run_dir / "log.txt").exists() \
+        else jobs.tail_log(job_dir, 20).splitlines()
+    with st.expander("Log", expanded=state in ("failed", "died")):
+        st.code("\n".join(log) or "(empty)", language=None)
+    if (job_dir / jobs.JOB_FILE).exists() and state != "running":
+        js = jobs.job_state(job_dir)
+        if js["state"] in ("failed", "died") and state not in ("failed", "died"):
+            st.error(js["message"], icon=":material/error:")
+    return state
+
+
+if RunFolder(run_dir).read_status().get("state") == "running":
+    @st.fragment(run_every=common.POLL_S)
+    def _live() -> None:
+        if _panel() != "running":
+            st.rerun(scope="app")
+
+    _live()
+else:
+    _panel()
