@@ -13,33 +13,44 @@ import sys
 
 from engine.errors import CrystallabError
 
-# Modules that register sub-commands, in the order they appear in `crystallab --help`.
-COMMAND_MODULES = (
-    "engine.canonical",  # cif canonicalize / tokenize
-    "engine.datasets",  # data build / import-tokens / corpus / inspect
-    "engine.checkpoint",  # ckpt inspect
-    "engine.trainer",  # train
-    "engine.sampler",  # sample
-    "engine.postprocess",  # postprocess
-    "engine.evaluate",  # evaluate
-    "engine.sweeps",  # sweep
-    "engine.dashboard",  # dashboard
-)
+# Command name -> (module that registers it via ``add_cli``, one-line help). Only the module of the command being
+# run is imported, so `crystallab data inspect` does not pay for torch and `crystallab --help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cif": ("engine.canonical", "canonical CrystaLLM CIF text and token ids"),
+    "data": ("engine.datasets", "build, import and inspect token datasets"),
+    "ckpt": ("engine.checkpoint", "inspect checkpoints"),
+    "train": ("engine.trainer", "train a model (scratch, fine-tune or resume)"),
+    "sample": ("engine.sampler", "sample CIFs from a checkpoint for a composition / space-group prompt"),
+    "postprocess": ("engine.postprocess", "post-process generated texts into CIFs"),
+    "evaluate": ("engine.evaluate", "check generated CIFs and compute set metrics"),
+    "sweep": ("engine.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
+    "dashboard": ("engine.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` only that command's module is imported (others get a stub)."""
     parser = argparse.ArgumentParser(
         prog="crystallab",
         description="A lab for crystal-structure language models (CrystaLLM-compatible).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_cli(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
