@@ -44,6 +44,8 @@ STOP_FILE = "STOP"
 
 DEFAULT_GRACE_S = 60.0
 """Seconds a job gets to stop by itself after a STOP file before it is sent SIGTERM."""
+KILL_AFTER_S = 30.0
+"""Seconds after SIGTERM before a job that is still alive is killed (SIGKILL)."""
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -277,10 +279,20 @@ def _signal_group(job: dict, sig: int) -> bool:
 
 
 def _enforce_stop_deadline(job: dict, stop_rec: dict | None) -> None:
+    """SIGTERM once the grace period is over; SIGKILL if that was ignored for ``KILL_AFTER_S`` more."""
     if stop_rec is None:
         return
-    if time.time() - float(stop_rec.get("requested_ts", 0)) >= float(stop_rec.get("grace_s", 0)):
+    overdue = time.time() - float(stop_rec.get("requested_ts", 0)) - float(stop_rec.get("grace_s", 0))
+    if overdue >= KILL_AFTER_S:
+        _signal_group(job, signal.SIGKILL)
+    elif overdue >= 0:
         _signal_group(job, signal.SIGTERM)
+
+
+def _later(delay_s: float, job: dict, sig: int) -> None:
+    timer = threading.Timer(delay_s, _signal_group, args=(job, sig))
+    timer.daemon = True
+    timer.start()
 
 
 def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -> dict:
@@ -288,7 +300,8 @@ def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -
 
     Writes ``STOP`` in the job's target folder (the trainer finishes its step, saves a checkpoint and exits);
     if the job is still alive ``grace_s`` seconds later it gets SIGTERM. The deadline is also enforced by
-    every later ``job_state`` call, so it holds across dashboard restarts.
+    every later ``job_state`` call, so it holds across dashboard restarts; a job that survives SIGTERM by
+    ``KILL_AFTER_S`` seconds is killed.
 
     Args:
         grace_s: seconds to wait for a clean exit before SIGTERM; 0 terminates at once.
@@ -308,9 +321,8 @@ def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -
     if grace_s <= 0:
         _signal_group(job, signal.SIGTERM)
     else:
-        timer = threading.Timer(grace_s, _signal_group, args=(job, signal.SIGTERM))
-        timer.daemon = True
-        timer.start()
+        _later(grace_s, job, signal.SIGTERM)
+    _later(max(grace_s, 0) + KILL_AFTER_S, job, signal.SIGKILL)
     return job_state(job_dir)
 
 
@@ -356,7 +368,15 @@ def _run_wrapped(job_dir: Path, argv: list[str]) -> int:
     """Body of the detached process: run the command, then record how it ended."""
     from engine.cli import main  # imported here: the wrapper must start even if a command module is broken
 
+    wrapper_pid = os.getpid()
+
     def _terminate(signum: int, _frame: object) -> None:
+        if os.getpid() != wrapper_pid:
+            # A forked worker (e.g. of a process pool) inherited this handler: die as SIGTERM means, so the
+            # pool breaks and the main process can finish instead of waiting on workers that ignore it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise KeyboardInterrupt  # lets the command write its "stopped" status and exit cleanly
 
     signal.signal(signal.SIGTERM, _terminate)

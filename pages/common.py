@@ -126,6 +126,15 @@ def sweeps() -> list[Path]:
     return _dirs(settings().sweeps_dir, "sweep.yaml")
 
 
+def follow(key: str, value: object) -> None:
+    """Select ``value`` in the widget ``key`` once (e.g. the output of a job that just finished), leaving the
+    user free to choose something else afterwards."""
+    marker = f"_followed_{key}"
+    if st.session_state.get(marker) != str(value):
+        st.session_state[marker] = str(value)
+        st.session_state[key] = value
+
+
 def pick_path(label: str, options: list[Path], *, key: str, help: str | None = None,
               allow_custom: bool = False) -> Path | None:
     """A selectbox over discovered folders/files, optionally with a typed path checked by the settings."""

@@ -124,9 +124,10 @@ if mode == "A sweep":
     if not sweeps:
         st.info("No finished sweep yet: run one above.")
         st.stop()
-    want = st.session_state.get("compare_sweep")
-    idx = next((i for i, p in enumerate(sweeps) if str(p) == want), 0)
-    sweep = st.selectbox("Sweep", sweeps, index=idx, format_func=lambda p: p.name, key="compare_pick_sweep")
+    want = [p for p in sweeps if str(p) == st.session_state.get("compare_sweep")]
+    if want:
+        common.follow("compare_pick_sweep", want[0])
+    sweep = st.selectbox("Sweep", sweeps, format_func=lambda p: p.name, key="compare_pick_sweep")
     with common.user_errors():
         rows = pd.read_csv(sweep / "summary.csv")
         if rows.empty:

@@ -126,9 +126,10 @@ if not sets:
     st.info("No sample set yet: generate one above.")
     st.stop()
 view = st.session_state.get("sample_view")
-default = [i for i, p in enumerate(sets) if view and (p == Path(view) or Path(view) in p.parents)]
-set_dir = st.selectbox("Sample set", sets, index=default[0] if default else 0, format_func=common.rel,
-                       key="sample_set")
+followed = [p for p in sets if view and (p == Path(view) or Path(view) in p.parents)]
+if followed:
+    common.follow("sample_set", followed[0])
+set_dir = st.selectbox("Sample set", sets, format_func=common.rel, key="sample_set")
 cfg = read_json(set_dir / "config.json", {}) or {}
 summary = read_json(set_dir / "eval_summary.json", {}) or {}
 df = _table(str(set_dir), (set_dir / "samples.jsonl").stat().st_mtime

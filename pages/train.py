@@ -103,8 +103,9 @@ if watch and Path(watch) not in runs and (common.jobs_root("train") / Path(watch
 if not runs:
     st.info("No training run yet: launch one above (the tiny_cpu preset trains on CPU in about a minute).")
     st.stop()
-index = runs.index(Path(watch)) if watch and Path(watch) in runs else 0
-run_dir = st.selectbox("Run", runs, index=index, format_func=lambda p: p.name, key="train_run")
+if watch and Path(watch) in runs:
+    common.follow("train_run", Path(watch))
+run_dir = st.selectbox("Run", runs, format_func=lambda p: p.name, key="train_run")
 job_dir = common.jobs_root("train") / run_dir.name
 
 

@@ -51,7 +51,9 @@ def lab_runs(tmp_path_factory, asset_cache) -> Path:
 
 @pytest.fixture
 def lab(lab_runs, asset_cache, _isolated_runs, monkeypatch) -> Path:
-    """This test reads and writes the session lab."""
+    """This test reads and writes the session lab; jobs it launches compute on one thread."""
     monkeypatch.setenv("CRYSTALLAB_RUNS", str(lab_runs))
     monkeypatch.setenv("CRYSTALLAB_CACHE", str(asset_cache))
+    # Launched jobs inherit this: tiny models on a shared 2-core machine run many times faster on one thread.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return lab_runs
