@@ -129,6 +129,8 @@ class TrainConfig:
     """Compute precision: ``auto`` (bfloat16 on capable CUDA, else float32), float32, bfloat16, float16."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (CUDA; slow to start, faster per step)."""
+    cpu_threads: int | None = None
+    """Threads PyTorch uses on CPU (null: its default, one per core); 1 is fastest for tiny models on busy hosts."""
 
     @property
     def resolved_min_lr(self) -> float:
@@ -381,6 +383,8 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
     _check(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {c.beta1}, {c.beta2}",
            source)
     _check(c.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {c.grad_clip}", source)
+    _check(c.cpu_threads is None or c.cpu_threads >= 1, f"cpu_threads must be at least 1, got {c.cpu_threads}",
+           source)
     for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval"):
         _check(getattr(c, key) >= 1, f"{key} must be at least 1, got {getattr(c, key)}", source)
