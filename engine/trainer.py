@@ -400,10 +400,10 @@ def _open_dataset(name: str, dist: Dist) -> Any:
     return load_token_dataset(path)
 
 
-def _load_checkpoint(path: Path) -> Any:
+def _load_checkpoint(path: Path, mmap: bool = False) -> Any:
     from engine.checkpoint import load_checkpoint
 
-    return load_checkpoint(path)
+    return load_checkpoint(path, mmap=mmap)
 
 
 def _resolve_sources(config: TrainConfig, run_dir: str | Path | None,
@@ -450,7 +450,7 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConf
     ckpt = parent = None
     if config.init_from == "finetune":
         src = resolve_ckpt_path(config.init_ckpt)  # type: ignore[arg-type]
-        ckpt = _load_checkpoint(src)
+        ckpt = _load_checkpoint(src, mmap=True)  # only the weights are read: the source's AdamW state stays on disk
         shape = GPTConfig.from_model_args(ckpt.model_args)
         wrong = [k for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) not in (None, getattr(shape, k))]
         if wrong:
