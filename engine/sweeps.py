@@ -98,6 +98,8 @@ class SweepConfig:
     """Time box per sample's checks, in seconds; a sample over it is recorded as ``timeout``."""
     train_dataset: str | None = None
     """Token dataset (name under ``runs/data/`` or a folder) whose training CIFs define novelty; None: no novelty."""
+    overlap: bool = True
+    """Evaluate each cell in the background while the next is sampled; false: one after the other (timing)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready mapping (tuples as lists)."""
@@ -234,10 +236,11 @@ def config_from_dict(raw: Any, source: str = "sweep config") -> SweepConfig:
     for key, kind in (("batch_size", int), ("eval_workers", int), ("eval_timeout_s", float)):
         if raw.get(key) is not None:
             v[key] = _number(source, key, raw[key], kind)
-    if "constrain" in raw:
-        if not isinstance(raw["constrain"], bool):
-            raise _fail(source, f"constrain must be true or false, got {raw['constrain']!r}")
-        v["constrain"] = raw["constrain"]
+    for key in ("constrain", "overlap"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise _fail(source, f"{key} must be true or false, got {raw[key]!r}")
+            v[key] = raw[key]
     if raw.get("train_dataset") not in (None, ""):
         v["train_dataset"] = str(raw["train_dataset"])
     ckpts = raw.get("checkpoints")
@@ -622,6 +625,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
         for cell in sweep.cells:
             if state[cell.name] == "sampled":
                 sweep.submit_eval(cell)
+        sweep.collect(wait=not config.overlap)
         for label, info in infos.items():
             todo = [c for c in sweep.cells if c.checkpoint == label and state[c.name] == "todo"]
             if not todo:
@@ -637,7 +641,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
                 _sample_cell(model, info, cell, sweep, device)
                 sweep.status("sampled", cell, message=f"sampled {cell.name}")
                 sweep.submit_eval(cell)
-                sweep.collect(wait=False)
+                sweep.collect(wait=not config.overlap)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -648,10 +652,14 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
         _wind_down(sweep)
         sweep.status(None, None, state="stopped", current_cell=None, message="stopped on request")
         return out
+    except KeyboardInterrupt:
+        _wind_down(sweep)
+        sweep.status(None, None, state="stopped", current_cell=None, message="interrupted (Ctrl-C)")
+        raise
     except BaseException as exc:
         _wind_down(sweep)
-        sweep.status(None, None, state="failed", current_cell=None, error=str(exc) or type(exc).__name__,
-                     message=f"failed: {exc}")
+        error = str(exc) or type(exc).__name__
+        sweep.status(None, None, state="failed", current_cell=None, error=error, message=f"failed: {error}")
         raise
     finally:
         sweep.pool.shutdown(wait=True, cancel_futures=True)

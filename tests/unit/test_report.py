@@ -159,3 +159,29 @@ def test_write_sweep_report_writes_csv_markdown_and_every_sample(tmp_path):
     md = (sweep / "summary.md").read_text()
     assert md.startswith("# two prompts") and "- `small`: pretrained/small.pt" in md
     assert sweep_rows(sweep, []).empty and "No evaluated sample sets yet" in summary_markdown(sweep_rows(sweep, []))
+
+
+def test_counts_agree_with_the_evaluators_per_sample_table(tmp_path, golden_canonical):
+    """A set of real CIF texts (three copies of one structure) evaluated for real: the row's counts are those
+    of eval.csv, and the copies count once towards uniqueness."""
+    from engine.evaluate import evaluate_sample_set
+
+    from pymatgen.core import Composition
+
+    by_formula = {}  # one small valid structure per reduced formula: four structures that cannot match
+    for r in sorted(golden_canonical, key=lambda r: len(r["decoded"])):
+        if r["validity"]["is_valid"]:
+            by_formula.setdefault(Composition(r["decoded"].split("\n", 1)[0][5:]).reduced_formula, r)
+    small = list(by_formula.values())[:4]
+    texts = [small[0]["decoded"]] * 3 + [r["decoded"] for r in small[1:4]]
+    folder = _set(tmp_path / "real", n=len(texts), evaluated=False)
+    (folder / "raw").mkdir()
+    for i, text in enumerate(texts):
+        (folder / "raw" / f"{i:04d}.txt").write_text(text)
+    evaluate_sample_set(folder, workers=1, timeout_s=60)
+    row = compare_sample_sets([folder]).iloc[0]
+    table = pd.read_csv(folder / "eval.csv")
+    assert row["n"] == 6
+    assert row["n_parsed"] == table["parse_ok"].sum() == 6
+    assert row["n_valid"] == table["is_valid"].sum() >= 4
+    assert row["n_unique"] == 4  # the three copies are one structure
