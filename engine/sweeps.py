@@ -17,17 +17,20 @@ or a mapping with ``formula`` (a reduced formula unit when ``z`` is given), ``z`
 formula (``""``) is the unconditional prompt ``data_``.
 
 The sweep folder (``runs/sweeps/<name>/`` unless ``--out``) holds ``sweep.yaml`` (the resolved config),
-``status.json``, one sample set per cell under ``cells/<cell>/`` (ARCHITECTURE.md: ``config.json``, ``raw/``,
-``processed/``, ``samples.jsonl``, ``eval.csv``, ``eval_summary.json``), and the tables of `engine.report`:
-``summary.csv``, ``summary_macro.csv``, ``summary.md`` and ``samples.csv`` (every sample of every cell).
+``status.json`` (the run-folder status plus ``cells_done``, ``cells_total``, ``current_cell``, ``cells_redone`` and
+``cells_failed``, each with its reason), one sample set per cell under ``cells/<cell>/`` (ARCHITECTURE.md:
+``config.json``, ``raw/``, ``processed/``, ``samples.jsonl``, ``eval.csv``, ``eval_summary.json``), and the tables
+of `engine.report`: ``summary.csv``, ``summary_macro.csv``, ``summary.md`` and ``samples.csv`` (every sample of
+every cell).
 
 Cells are named deterministically, ``<checkpoint>__<prompt>__T0.8_k10_p1.0_n100_s1``, so running the same config
 again resumes: a cell is finished when its ``eval_summary.json`` exists, its ``config.json`` records the sha256
 of the file now at the checkpoint's path and the same prompt and sampling settings. A cell sampled with another
-checkpoint or other settings is deleted and redone (and the log says so); a cell sampled but not yet evaluated
-is only evaluated. Each checkpoint is loaded once. Evaluation of a cell runs in a background thread (which drives
-the evaluator's worker processes) while the next cell is sampled. A ``STOP`` file in the sweep folder stops the
-sweep between sampling batches; finished cells are kept.
+checkpoint or other settings is deleted and redone (the ``redo`` progress event and ``cells_redone`` say why); a
+cell sampled but not yet evaluated is only evaluated. Each checkpoint is loaded once. Evaluation of a cell runs in
+a background thread (which drives the evaluator's worker processes) while the next cell is sampled (``overlap``).
+A ``STOP`` file in the sweep folder stops the sweep at the sampler's next progress report (Ctrl-C at once): the
+cell being sampled is discarded, the evaluation under way is finished, and the next run resumes.
 """
 
 from __future__ import annotations
@@ -558,7 +561,8 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
         if not p.is_file():
             raise CheckpointError(
                 f"checkpoint {label!r}: {p} does not exist (relative paths are under the runs root "
-                f"{get_settings().runs_dir}); train it first or fix checkpoints.{label} in the sweep config"
+                f"{get_settings().runs_dir}): train or copy the checkpoint there, or point "
+                f"checkpoints.{label} at it (e.g. --set checkpoints.{label}=/path/to/ckpt.pt)"
             )
         infos[label] = checkpoint_info(p)
         if infos[label]["problem"]:
