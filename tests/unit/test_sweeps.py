@@ -295,3 +295,18 @@ def test_a_failed_evaluation_fails_the_sweep_after_the_other_cells_finish(ckpt, 
     assert status["state"] == "failed" and status["cells_done"] == 3
     assert status["cells_failed"] == {names[1]: "evaluation failed: evaluator bug"}
     assert list(pd.read_csv(out / "summary.csv")["cell"]) == [names[0], *names[2:]]
+
+
+def test_train_dataset_by_name_feeds_the_novelty_index(ckpt, monkeypatch, shared_dir, tmp_path):
+    from engine.datasets import build_dataset
+    from engine.metrics import TrainingIndex
+
+    pd.read_csv(shared_dir / "data" / "mp20_subset" / "train.csv", nrows=8).to_csv(tmp_path / "few.csv", index=False)
+    build_dataset([tmp_path / "few.csv"], get_settings().datasets_dir / "mini", val_fraction=0.25, workers=1)
+    built = []
+    real = TrainingIndex.from_dataset.__func__
+    monkeypatch.setattr(TrainingIndex, "from_dataset",
+                        classmethod(lambda cls, d, **k: (built.append(Path(d)), real(cls, d, **k))[1]))
+    out = run_sweep(_config(prompts=["Na2Cl2"], temperatures=[0.8], train_dataset="mini"))
+    assert built == [get_settings().datasets_dir / "mini"]
+    assert "novelty" in pd.read_csv(out / "summary.csv").columns
