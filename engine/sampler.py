@@ -445,7 +445,7 @@ def sample_to_dir(
     _check_params(n, temperature, top_k, top_p, max_new_tokens)
     out = _free_target(out_dir)
     model, _ = load_model(ckpt, dev)
-    return _write_sample_set(
+    return write_sample_set(
         model, checkpoint_info(ckpt), prompt, out, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=dev, constrain=constrain,
         evaluate=evaluate, progress=progress,
@@ -465,7 +465,7 @@ def _device_label(dev: torch.device) -> str:
     return str(dev)
 
 
-def _write_sample_set(
+def write_sample_set(
     model: GPT,
     ckpt_info: dict,
     prompt: Prompt,
@@ -590,7 +590,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             def progress(done: int, total: int, bar: tqdm = bar) -> None:
                 bar.update(done - bar.n)
 
-            _write_sample_set(
+            write_sample_set(
                 model, info, prompt, out, n=args.n, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                 device=dev, constrain=args.constrain, evaluate=args.evaluate, progress=progress,

@@ -572,14 +572,14 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
 
 def _sample_cell(model: Any, info: dict, cell: Cell, sweep: _Sweep, device: Any) -> None:
     """Write one cell's sample set (evaluation follows in the background)."""
-    from engine.sampler import _write_sample_set
+    from engine.sampler import write_sample_set
 
     def check_stop(done: int, total: int) -> None:
         if sweep.stop_requested():
             raise _StopRequested
 
     c = sweep.config
-    _write_sample_set(
+    write_sample_set(
         model, info, cell.prompt, sweep.cells_dir / cell.name, n=cell.n, temperature=cell.temperature,
         top_k=cell.top_k, top_p=cell.top_p, max_new_tokens=c.max_new_tokens, seed=cell.seed,
         batch_size=c.batch_size, device=device, constrain=c.constrain, evaluate=False, progress=check_stop,
