@@ -8,14 +8,16 @@ import streamlit as st
 
 from pages.common import sidebar
 
-st.set_page_config(page_title="crystallab", page_icon=":material/diamond:", layout="wide")
+# No page or page_icon icons: Streamlit turns them into favicons fetched from fonts.gstatic.com, which lab
+# networks block (the e2e test fails on any non-local request).
+st.set_page_config(page_title="crystallab", layout="wide")
 
 PAGES = [
-    st.Page("pages/data.py", title="Data", icon=":material/dataset:", url_path="data", default=True),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
-    st.Page("pages/sample.py", title="Sample", icon=":material/science:", url_path="sample"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
-    st.Page("pages/structure.py", title="Structure", icon=":material/view_in_ar:", url_path="structure"),
+    st.Page("pages/data.py", title="Data", url_path="data", default=True),
+    st.Page("pages/train.py", title="Train", url_path="train"),
+    st.Page("pages/sample.py", title="Sample", url_path="sample"),
+    st.Page("pages/compare.py", title="Compare", url_path="compare"),
+    st.Page("pages/structure.py", title="Structure", url_path="structure"),
 ]
 
 page = st.navigation(PAGES)

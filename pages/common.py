@@ -18,6 +18,25 @@ from engine import jobs
 from engine.errors import CrystallabError
 from engine.settings import Settings, get_settings
 
+def _leave_pages_folder_mode() -> None:
+    """Route a first request for ``/sample`` (etc.) through ``app.py``'s navigation.
+
+    Streamlit decides lazily whether an app uses the legacy ``pages/`` folder: until ``st.navigation`` has run
+    once in the server process, a URL naming a page runs ``pages/<page>.py`` directly, without ``app.py`` (no
+    shared sidebar, a navigation listing every file). When a page finds itself run that way, it switches the
+    process to ``st.navigation`` mode and reruns, which then goes through ``app.py``.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a future Streamlit without the legacy mode
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_leave_pages_folder_mode()
+
 POLL_S = 2.0
 """Seconds between refreshes of live views (job state, loss curves)."""
 
@@ -217,6 +236,19 @@ def job_panel(job_dir: Path, *, key: str, stoppable: bool = True, log_lines: int
 
 # --- structures ----------------------------------------------------------------------------------------------
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _view_html(structure_json: str, style: str, supercell: tuple, show_cell: bool, labels: bool,
+               height: int) -> str:
+    # Cached so a rerun sends the same HTML and the browser keeps the view (and the user's rotation).
+    from pymatgen.core import Structure
+
+    from engine import viewer
+
+    return viewer.structure_view_html(Structure.from_str(structure_json, fmt="json"), style=style,
+                                      supercell=supercell, show_cell=show_cell, labels=labels, width="100%",
+                                      height=height)
+
+
 def structure_view(structure, *, key: str, height: int = 420) -> None:
     """Interactive 3D view with style / repeat / label controls, or a plotly fallback saying why."""
     from engine import viewer
@@ -229,8 +261,7 @@ def structure_view(structure, *, key: str, height: int = 420) -> None:
     supercell = tuple(int(n) for n in rep.split("x"))
     reason = viewer.asset_status()
     if reason is None:
-        html = viewer.structure_view_html(structure, style=style, supercell=supercell, show_cell=show_cell,
-                                          labels=labels, width="100%", height=height)
+        html = _view_html(structure.to_json(), style, supercell, show_cell, labels, height)
         st.iframe(html, height=height + 10)
     else:
         st.warning(f"3D viewer unavailable: {reason}. Showing a simple plot instead.",

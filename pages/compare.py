@@ -155,7 +155,8 @@ else:
 
 # --- tables --------------------------------------------------------------------------------------------------
 st.subheader("Per checkpoint and prompt")
-st.dataframe(report.per_checkpoint_table(rows), hide_index=True, key="compare_table")
+# A plain HTML table: a handful of rows, readable and copyable as text (st.dataframe draws on a canvas).
+st.table(report.per_checkpoint_table(rows).set_index("checkpoint"))
 if rows["prompt"].nunique() > 1:
     st.subheader("Per prompt (valid)")
     st.dataframe(report.per_prompt_table(rows, "valid"), hide_index=True, key="compare_prompt_table")
