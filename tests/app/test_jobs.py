@@ -1,0 +1,68 @@
+"""Detached jobs: state from the job folder alone (finished, failed with the CLI's message, died), stop
+escalation, names, and progress read from the log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine import jobs
+from engine.errors import InputError
+
+
+def _wait(job_dir, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (state := jobs.job_state(job_dir))["state"] == "running":
+        assert time.monotonic() < deadline, jobs.tail_log(job_dir)
+        time.sleep(0.2)
+    return state
+
+
+def test_failed_job_reports_the_cli_error(tmp_path):
+    job_dir = tmp_path / "jobs" / "bad"
+    record = jobs.launch_job(["sample", "--ckpt", str(tmp_path / "missing.pt"), "--n", "1", "--device", "cpu"],
+                             job_dir, kind="sample", target=tmp_path / "out")
+    assert record["reused"] is False and record["pid"] > 0
+    state = _wait(job_dir)
+    assert state["state"] == "failed" and state["returncode"] == 2
+    assert "missing.pt" in state["message"]  # the CheckpointError text, not "exit status 2"
+    with pytest.raises(InputError, match="already holds"):
+        jobs.launch_job(["--help"], job_dir, kind="sample")
+    again = jobs.launch_job(["--help"], job_dir, kind="sample", replace_finished=True)
+    assert _wait(job_dir)["state"] == "finished" and again["pid"] != record["pid"]
+    assert (job_dir / "history" / "1" / "job.json").exists()
+
+
+def test_killed_job_reads_as_died(tmp_path):
+    job_dir = tmp_path / "job"
+    record = jobs.launch_job(["--help"], job_dir, kind="test")
+    os.killpg(record["pid"], signal.SIGKILL)
+    state = _wait(job_dir, 10)
+    assert state["state"] == "died" and "log" in state["message"]
+
+
+def test_stop_request_writes_stop_file_and_terminates(tmp_path):
+    job_dir, target = tmp_path / "job", tmp_path / "run"
+    jobs.launch_job(["--help"], job_dir, kind="test", target=target)
+    state = jobs.request_stop(job_dir, grace_s=0)
+    assert (target / jobs.STOP_FILE).exists() or state["state"] != "running"
+    assert _wait(job_dir, 30)["state"] in ("stopped", "finished")
+
+
+def test_names_must_be_plain_folder_names():
+    assert jobs.check_name(" run-1.a ") == "run-1.a"
+    for bad in ("", "../x", "a/b", "with space", ".hidden"):
+        with pytest.raises(InputError, match="folder name"):
+            jobs.check_name(bad, "run name")
+
+
+def test_progress_and_tail_from_the_log(tmp_path):
+    (tmp_path / "log.txt").write_text("start\nNaCl:  25%|##  | 1/4 [00:01<00:03]\rNaCl:  75%|#### | 3/4 [00:03<00:01]\n")
+    assert jobs.progress(tmp_path) == (3, 4)
+    (tmp_path / "log.txt").write_text("[2/6] sampled tiny__Na2Cl2\n")
+    assert jobs.progress(tmp_path) == (2, 6)
+    assert jobs.tail_log(tmp_path, 1) == "[2/6] sampled tiny__Na2Cl2"
+    assert jobs.job_state(tmp_path / "nothing")["state"] == "none"
