@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([render(args.render, args.timeout, args.view) for _ in range(2)]))
         return 0
 
-    out = args.out or benchlib.default_out("dashboard")
+    out = (args.out or benchlib.default_out("dashboard")).expanduser().resolve()
     runs = args.runs.expanduser().resolve() if args.runs else build_lab(out.parent / "dashboard-lab")
     info = benchlib.machine_info("cpu")
     rows = []

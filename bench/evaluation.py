@@ -9,6 +9,8 @@ Timed, on the same texts:
 
 - single process: ``evaluate_texts(workers=1, timeout_s=None)``, every check in this process;
 - parallel: ``evaluate_texts(workers=--workers, timeout_s=--timeout)``, the path ``crystallab evaluate`` takes;
+  the two alternate over ``--rounds`` chunks of the texts so that load from other processes hits both alike,
+  and their CPU seconds per CIF are recorded next to the wall-clock rates;
 - ``set_metrics`` (uniqueness: re-parse plus StructureMatcher grouping, single process, after the checks);
 - a per-check profile of ``--profile-n`` texts: post-processing, text checks, parse, symmetry, bond-length
   score, CDVAE structure, SMACT and token count, timed one by one the way `engine.checks.check_cif` runs them.
@@ -21,6 +23,7 @@ The two tables must agree cell for cell (``identical_verdicts``); differences ar
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 import warnings
@@ -146,6 +149,12 @@ def profile_checks(texts: list[str], max_sites: int = 500) -> dict[str, Any]:
     return out
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished child processes (the workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -155,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CSV with a cif column, 'builtin', or a sample-set folder (default: shared MP-20 train)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel workers (default: CPU count)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-item time box of the parallel run (s)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternate single and parallel over this many chunks of the texts (default 4)")
     parser.add_argument("--profile-n", type=int, default=300, help="texts in the per-check profile (default 300)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default <runs>/bench/evaluation.json)")
     args = parser.parse_args(argv)
@@ -165,15 +176,29 @@ def main(argv: list[str] | None = None) -> int:
     info = benchlib.machine_info("cpu")
     evaluate_texts(items[:1], workers=1, timeout_s=None)  # first-use costs (element tables, spglib) off the clock
 
-    runs = {}
-    tables = {}
-    for label, workers, timeout in (("single", 1, None), ("parallel", args.workers, args.timeout)):
-        load = benchlib.load_average()
-        with benchlib.Timer() as timer:
-            tables[label] = evaluate_texts(items, workers=workers, timeout_s=timeout)
-        runs[label] = {"workers": workers, "timeout_s": timeout, "seconds": timer.seconds,
-                       "cifs_per_s": len(items) / timer.seconds, "load_1min": load[0] if load else None}
-        print(f"{label}: {runs[label]['cifs_per_s']:.2f} CIFs/s ({timer.seconds:.1f} s)", flush=True)
+    # Rounds alternate the two paths over chunks of the texts, so a change in machine load (other users) hits both
+    # alike; CPU seconds (this process and its reaped workers) show the work done whatever the load.
+    chunks = [items[i::args.rounds] for i in range(args.rounds)]
+    runs = {label: {"workers": w, "timeout_s": t, "seconds": 0.0, "cpu_s": 0.0, "load_1min": []}
+            for label, w, t in (("single", 1, None), ("parallel", args.workers, args.timeout))}
+    parts: dict[str, list[pd.DataFrame]] = {"single": [], "parallel": []}
+    for r, chunk in enumerate(chunks):
+        order = ("single", "parallel") if r % 2 == 0 else ("parallel", "single")
+        for label in order:
+            run = runs[label]
+            load = benchlib.load_average()
+            cpu0 = _cpu_seconds()
+            with benchlib.Timer() as timer:
+                parts[label].append(evaluate_texts(chunk, workers=run["workers"], timeout_s=run["timeout_s"]))
+            run["seconds"] += timer.seconds
+            run["cpu_s"] += _cpu_seconds() - cpu0
+            run["load_1min"].append(load[0] if load else None)
+        print(f"round {r + 1}/{len(chunks)}: " + ", ".join(
+            f"{k} {v['seconds']:.1f} s" for k, v in runs.items()), flush=True)
+    for run in runs.values():
+        run["cifs_per_s"] = len(items) / run["seconds"]
+        run["cpu_ms_per_cif"] = 1000 * run["cpu_s"] / len(items)
+    tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     diffs = compare_tables(tables["single"], tables["parallel"])
     with benchlib.Timer() as timer:
         metrics = set_metrics(tables["parallel"])
@@ -182,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     speedup = runs["parallel"]["cifs_per_s"] / runs["single"]["cifs_per_s"]
     rows = [{"path": k, **v} for k, v in runs.items()]
-    benchlib.print_table(rows, ["path", "workers", "seconds", "cifs_per_s", "load_1min"],
+    benchlib.print_table(rows, ["path", "workers", "seconds", "cifs_per_s", "cpu_ms_per_cif"],
                          title=f"evaluation of {len(items)} texts: parallel / single = {speedup:.2f}x, "
                                f"identical verdicts: {not diffs}")
     prof_rows = [{"check": k, **v} for k, v in profile.items()]

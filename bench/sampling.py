@@ -57,7 +57,8 @@ def build_model(arch: str, ckpt: str | None, device: torch.device, seed: int = 1
         model = GPT(PRESETS[arch]).to(device)
         label = arch
     cfg = model.config
-    label += f" ({cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}, {model.num_params() / 1e6:.1f} M)"
+    total = model.num_params(non_embedding=False)
+    label += f" ({cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}, {total / 1e6:.1f} M)"
     return model.eval(), label
 
 
@@ -122,7 +123,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
             row["speedup_vs_upstream"] = row["tokens_per_s"] / upstream["tokens_per_s"]
         rows.append(row)
         print(f"  batch {b}: {row['tokens_per_s']:.1f} tokens/s ({row['seconds']:.1f} s)", flush=True)
-    return {"arch": arch, "model": label, "n_params": model.num_params(), "block_size": block,
+    return {"arch": arch, "model": label, "n_params": model.num_params(non_embedding=False), "block_size": block,
             "prompt_tokens": len(ids), "tokens_per_sample": tokens, "upstream": upstream, "ours": rows}
 
 
