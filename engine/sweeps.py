@@ -610,6 +610,11 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
 
     out = resolve_out_dir(out_dir, config.name).resolve()
     device = resolve_device(config.device)
+    if device.type == "cpu" and config.overlap and "OMP_NUM_THREADS" not in os.environ:
+        # Sampling shares the CPU with the evaluator's worker processes; oversubscribed torch threads spin
+        # against them (measured 10-100x slower on 2 cores), so sampling keeps only the cores they leave.
+        workers = config.eval_workers or os.cpu_count() or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     infos = _checkpoint_infos(config)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
