@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
 import typing
 from dataclasses import asdict, dataclass, fields, replace
@@ -216,22 +217,52 @@ def _parse_number(text: str) -> Any:
         return text
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``key=value`` at the first ``=`` and parse the value as YAML (``false`` -> False, ``1e-3`` -> 1e-3).
+def parse_key_value(item: str, example: str) -> tuple[str, Any]:
+    """Split a ``--set`` item at the first ``=`` and read the value as YAML (``false`` -> False, ``1e-3`` -> 1e-3).
+
+    Text that is not YAML is kept as typed. Shared by training and sweep configs.
 
     Raises:
-        ConfigError: there is no ``=`` or the key is empty.
+        ConfigError: there is no ``=`` or the key is empty (``example`` shows the right form).
     """
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. --set max_iters=2000)")
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. --set {example})")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        return key, (yaml.safe_load(raw) if raw.strip() else None)
     except yaml.YAMLError:
-        value = raw  # not YAML (e.g. "a: b: c"): keep the text as typed
+        return key, raw  # not YAML (e.g. "a: b: c"): keep the text as typed
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
+    """Read a YAML config file that must hold a mapping.
+
+    Raises:
+        ConfigError: the file is missing (``hint`` says where presets are), is not YAML, or is not a mapping.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; {hint}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of key: value lines, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """A training ``--set key=value`` (see :func:`parse_key_value`); the config is flat, so lists stay text.
+
+    Raises:
+        ConfigError: there is no ``=`` or the key is empty.
+    """
+    key, value = parse_key_value(item, "max_iters=2000")
     if isinstance(value, (dict, list)):
-        value = raw  # a flat config: "[x]" or "{a: 1}" can only have been meant as text
+        value = item.partition("=")[2]  # a flat config: "[x]" or "{a: 1}" can only have been meant as text
     return key, value
 
 
@@ -418,18 +449,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; see configs/ for presets") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must be a mapping of key: value lines, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "config file", "see configs/ for presets")
     for item in overrides:
         key, value = parse_override(item)
         raw[key] = value

@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 import yaml
 
+from engine.config import parse_key_value, read_yaml_mapping
 from engine.errors import CheckpointError, ConfigError, CrystallabError, PromptError
 from engine.fsutil import atomic_write_text, read_json
 from engine.prompts import Prompt, build_prompts, parse_formula_spec
@@ -305,14 +306,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 
     ``checkpoints.LABEL=PATH`` adds or replaces one checkpoint.
     """
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. --set n=20)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
+    return parse_key_value(item, "n=20")
 
 
 def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
@@ -325,14 +319,7 @@ def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tup
     source = "overrides"
     if path is not None:
         source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"sweep config {path} does not exist; see configs/sweep_*.yaml") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must be a mapping of key: value lines, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "sweep config", "see configs/sweep_*.yaml")
     for item in overrides:
         key, value = parse_set(item)
         if key.startswith("checkpoints."):
