@@ -131,28 +131,32 @@ def sweep_rows(sweep_dir: str | os.PathLike, cells: Iterable[str]) -> pd.DataFra
 # Display tables (strings, ready for markdown)
 
 
+MISSING = "n/a"
+"""Shown where a metric does not apply (a bare "-" would render as a list bullet in markdown tables)."""
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value))
 
 
 def fmt_count(count: Any, n: Any) -> str:
-    """``7/10 (70%)``; ``-`` when the metric does not apply."""
+    """``7/10 (70%)``; ``n/a`` when the metric does not apply."""
     if _missing(count) or not n:
-        return "-"
+        return MISSING
     return f"{int(count)}/{int(n)} ({100 * count / n:.0f}%)"
 
 
 def fmt_value(value: Any, digits: int | None = None) -> str:
-    """Settings and plain numbers: ``0.8``, ``10``, ``3.7`` (``digits`` decimals when given); ``-`` if missing."""
+    """Settings and plain numbers: ``0.8``, ``10``, ``3.7`` (``digits`` decimals when given); ``n/a`` if missing."""
     if _missing(value):
-        return "-"
+        return MISSING
     if digits is not None:
         return f"{float(value):.{digits}f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def fmt_rate(rate: Any) -> str:
-    return "-" if _missing(rate) else f"{100 * rate:.1f}%"
+    return MISSING if _missing(rate) else f"{100 * rate:.1f}%"
 
 
 def varying_settings(df: pd.DataFrame) -> list[str]:
@@ -203,7 +207,7 @@ def per_prompt_table(df: pd.DataFrame, metric: str = "valid") -> pd.DataFrame:
     out = pd.DataFrame({"prompt": list(dict.fromkeys(df["prompt"]))})
     for col in dict.fromkeys(column):
         cells = dict(zip(df["prompt"][column == col], pd.Series(values, index=df.index)[column == col]))
-        out[col] = [cells.get(p, "-") for p in out["prompt"]]
+        out[col] = [cells.get(p, MISSING) for p in out["prompt"]]
     return out
 
 
