@@ -38,6 +38,8 @@ if source == "Sample set":
         st.info("No sample set yet: generate one on the Sample page, or upload a CIF.")
         st.stop()
     default = [i for i, p in enumerate(sets) if ref.get("set") and p == Path(ref["set"])]
+    if not default:  # otherwise open the newest set that has a structure to show
+        default = [i for i, p in enumerate(sets) if next((p / "processed").glob("*.cif"), None)][:1]
     set_dir = st.selectbox("Sample set", sets, index=default[0] if default else 0, format_func=common.rel,
                            key="structure_set")
     names = sorted(p.stem for p in (set_dir / "processed").glob("*.cif"))
