@@ -106,8 +106,12 @@ def asset_status() -> str | None:
 
 
 def _p1_cif(structure: Structure) -> str:
-    # A P1 CIF lists every atom, so 3Dmol needs no symmetry expansion of its own.
-    return str(CifWriter(structure))
+    # A P1 CIF lists every atom, so 3Dmol needs no symmetry expansion of its own. Symmetry-expanded sites share
+    # their orbit's label; unique labels keep the CIF valid (and CifWriter quiet).
+    p1 = structure.copy()
+    for i, site in enumerate(p1):
+        site.label = f"{site.specie}{i}"
+    return str(CifWriter(p1))
 
 
 def structure_view_html(

@@ -83,7 +83,7 @@ def _viewer_pixels(page, attempts: int = 3) -> float:
 
 def _non_white_fraction(png: bytes) -> float:
     img = Image.open(io.BytesIO(png)).convert("RGB")
-    pixels = list(img.getdata())
+    pixels = list(img.get_flattened_data())
     return sum(1 for r, g, b in pixels if min(r, g, b) < 235) / len(pixels)
 
 
