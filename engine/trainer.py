@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from engine.batches import ContextPlan, WindowSampler, derive_seed, plan_context
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import (
     TrainConfig,
     dump_config,
@@ -238,8 +239,6 @@ class _Session:
         return loss_sum, grad_norm, lr
 
     def save(self, name: str, step: int) -> Path:
-        from engine.checkpoint import save_checkpoint
-
         path = self.run_folder.ckpt_dir / f"{name}.pt"
         meta = {"run": self.run_folder.name, "step": step, "data_fingerprint": self.ds.fingerprint,
                 "parent": self.parent}
@@ -400,12 +399,6 @@ def _open_dataset(name: str, dist: Dist) -> Any:
     return load_token_dataset(path)
 
 
-def _load_checkpoint(path: Path, mmap: bool = False) -> Any:
-    from engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(path, mmap=mmap)
-
-
 def _resolve_sources(config: TrainConfig, run_dir: str | Path | None,
                      dist: Dist) -> tuple[TrainConfig, RunFolder | None, Any, dict | None]:
     """(resolved config, run folder, source checkpoint, parent record); only rank 0 touches the folder."""
@@ -420,7 +413,7 @@ def _resolve_sources(config: TrainConfig, run_dir: str | Path | None,
         if not dist.is_main:
             src = {"resume": Path(config.out_dir or ".") / "ckpt" / "last.pt",
                    "finetune": resolve_ckpt_path(config.init_ckpt or ".")}.get(config.init_from)
-            ckpt = _load_checkpoint(src) if src else None
+            ckpt = load_checkpoint(src) if src else None
     return config, run, ckpt, parent
 
 
@@ -440,7 +433,7 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConf
                 f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
                 "Fine-tune from its ckpt/last.pt instead"
             )
-        ckpt = _load_checkpoint(last)
+        ckpt = load_checkpoint(last)
         if int(ckpt.iter_num) >= config.max_iters:
             raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
                               f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
@@ -450,7 +443,7 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConf
     ckpt = parent = None
     if config.init_from == "finetune":
         src = resolve_ckpt_path(config.init_ckpt)  # type: ignore[arg-type]
-        ckpt = _load_checkpoint(src, mmap=True)  # only the weights are read: the source's AdamW state stays on disk
+        ckpt = load_checkpoint(src, mmap=True)  # only the weights are read: the source's AdamW state stays on disk
         shape = GPTConfig.from_model_args(ckpt.model_args)
         wrong = [k for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) not in (None, getattr(shape, k))]
         if wrong:
