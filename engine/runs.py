@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.fsutil import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from engine.jobs import pid_alive  # noqa: F401 (re-exported: a run's liveness is a process question)
 from engine.settings import REPO_ROOT, get_settings
 
 STATES = ("pending", "running", "completed", "failed", "stopped")
@@ -38,24 +39,6 @@ KINDS = ("train", "samples", "sweeps")
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host and is not a zombie."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    try:
-        # A finished child that nobody reaped still answers kill(0); /proc tells us it is a zombie.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class RunFolder:
