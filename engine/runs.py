@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.fsutil import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from engine.jobs import pid_alive  # noqa: F401 (re-exported: a run's liveness is a process question)
+from engine.jobs import pid_alive
 from engine.settings import REPO_ROOT, get_settings
 
 STATES = ("pending", "running", "completed", "failed", "stopped")
