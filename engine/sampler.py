@@ -582,6 +582,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
     targets = [(p, _free_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]
     ckpt = Path(args.ckpt).expanduser()
+    if not ckpt.is_absolute() and not ckpt.exists():  # like train's init_ckpt and sweeps: relative to the runs root
+        ckpt = get_settings().runs_dir / ckpt
     model, _ = load_model(ckpt, dev)
     info = checkpoint_info(ckpt)
     for prompt, out in targets:
@@ -610,7 +612,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
             "1, 2, 3, 4, 6, 8 into z1/, z2/, ... under --out."
         ),
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint file (ours or CrystaLLM's ckpt.pt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (ours or CrystaLLM's ckpt.pt); a relative path "
+                   "not found from the current folder is looked up under the runs root (train/RUN/ckpt/best.pt)")
     p.add_argument("--prompt", default=None, help="formula: cell composition (Na2Cl2) or formula unit (NaCl); "
                    "omit for unconditional sampling")
     p.add_argument("--z", type=int, default=None, help="formula units per cell (with a formula unit)")

@@ -10,7 +10,7 @@ run() { echo "+ crystallab $*" >&2; uv run crystallab "$@"; }
 
 run data corpus --out builtin --n "${CORPUS_N:-5000}"                      # runs/data/builtin
 run train configs/tiny_cpu.yaml --run-dir tiny_cpu --no-progress            # runs/train/tiny_cpu
-run sample --ckpt "${CRYSTALLAB_RUNS:-runs}/train/tiny_cpu/ckpt/best.pt" --prompt NaCl --z 4 \
+run sample --ckpt train/tiny_cpu/ckpt/best.pt --prompt NaCl --z 4 \
     --n 16 --temperature 0.8 --top-k 10 --seed 1 --max-new-tokens 400 --out tiny_nacl   # runs/samples/tiny_nacl
 run sweep configs/sweep_tiny.yaml                                           # runs/sweeps/tiny
 cat "${CRYSTALLAB_RUNS:-runs}/sweeps/tiny/summary.md"

@@ -8,6 +8,7 @@ a forbidden element to tempt the constraint), a subclass adds a fixed bias to th
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from engine.fsutil import sha256_file
 from engine.model import GPT, GPTConfig
 from engine.prompts import build_prompts
 from engine.sampler import generate, sample_to_dir
+from engine.settings import get_settings
 from engine.tokenizer import encode
 from engine.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SPACE_GROUPS, STOI
 
@@ -263,3 +265,16 @@ def test_cli_samples_one_set_per_z_and_prints_a_summary(memorized, tmp_path, cap
     assert "n 2" in capsys.readouterr().out
     rc = cli_main(["sample", "--ckpt", str(ckpt), "--prompt", "Xx2", "--out", str(tmp_path / "bad")])
     assert rc == 2 and "Xx is not one of the 89 elements" in capsys.readouterr().err
+
+
+def test_cli_finds_a_relative_checkpoint_under_the_runs_root(memorized, tmp_path, monkeypatch):
+    ckpt, _ = memorized
+    runs = get_settings().runs_dir
+    (runs / "train" / "r1" / "ckpt").mkdir(parents=True)
+    shutil.copy(ckpt, runs / "train" / "r1" / "ckpt" / "best.pt")
+    monkeypatch.chdir(tmp_path)  # nothing named train/ here
+    rc = cli_main(["sample", "--ckpt", "train/r1/ckpt/best.pt", "--prompt", "C2", "--n", "1",
+                   "--max-new-tokens", "4", "--out", "rel", "--device", "cpu", "--no-evaluate"])
+    assert rc == 0
+    config = json.loads((runs / "samples" / "rel" / "config.json").read_text())
+    assert config["checkpoint"]["path"] == str(runs / "train" / "r1" / "ckpt" / "best.pt")
