@@ -210,12 +210,25 @@ class KVCache:
         self.pos = 0
 
     def keep(self, indices: Sequence[int] | torch.Tensor) -> None:
-        """Keep only the batch rows ``indices`` (ints, in the new order, or a boolean mask over rows)."""
+        """Keep only the batch rows ``indices`` (ints, in the new order, or a boolean mask over rows).
+
+        Indices may repeat (``keep([0] * B)`` copies a prefilled prompt into B rows). Only the ``pos`` written
+        positions are copied; a batch that shrinks is compacted into the leading rows of the same buffers, so
+        dropping finished rows allocates nothing beyond the gathered prefix.
+        """
         idx = torch.as_tensor(indices, device=self.k.device)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
-        self.k = self.k.index_select(1, idx)
-        self.v = self.v.index_select(1, idx)
+        n, p = idx.numel(), self.pos
+        if n <= self.batch_size:
+            k, v = self.k[:, :n], self.v[:, :n]  # views; the gathers below are copies made before writing
+        else:
+            shape = (self.k.shape[0], n, *self.k.shape[2:])
+            k = torch.empty(shape, device=self.k.device, dtype=self.k.dtype)
+            v = torch.empty(shape, device=self.v.device, dtype=self.v.dtype)
+        k[:, :, :, :p] = self.k[:, idx, :, :p]  # (n_layer, n, nh, pos, hs)
+        v[:, :, :, :p] = self.v[:, idx, :, :p]
+        self.k, self.v = k, v
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values (B, n_head, T, head_dim) at ``pos``; return all cached so far.

@@ -127,6 +127,24 @@ def test_kv_cache_keep_drops_and_reorders_rows():
     assert cache.pos == 0 and cache.batch_size == 1
 
 
+def test_kv_cache_keep_copies_a_prefilled_prompt_into_every_row_and_swaps_rows_in_place():
+    model = _model(seed=5)
+    prompt = torch.randint(0, 371, (1, 6))
+    nxt = torch.randint(0, 371, (3, 2))
+    idx = torch.cat([prompt.expand(3, -1), nxt], dim=1)  # (3, 8): one prompt, three continuations
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache.for_model(model, 1)
+        model(prompt, kv_cache=cache)
+        cache.keep([0, 0, 0])  # grows the batch: a new buffer holding the prompt thrice
+        step, _ = model(nxt[:, :1], kv_cache=cache)
+        cache.keep([1, 0])  # shrinks and swaps within the same buffer
+        step2, _ = model(nxt[[1, 0], 1:2], kv_cache=cache)
+    torch.testing.assert_close(step[:, 0], full[:, 6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step2[:, 0], full[[1, 0], 7], atol=1e-5, rtol=0)
+    assert cache.batch_size == 2
+
+
 def test_positions_past_block_size_raise_clear_error():
     model = _model()
     with pytest.raises(ContextLengthError, match="context of 64"):
