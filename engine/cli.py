@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("engine.sampler", "sample CIFs from a checkpoint for a composition / space-group prompt"),
     "postprocess": ("engine.postprocess", "post-process generated texts into CIFs"),
     "evaluate": ("engine.evaluate", "check generated CIFs and compute set metrics"),
+    "csp": ("engine.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),
     "sweep": ("engine.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
     "dashboard": ("engine.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
 }

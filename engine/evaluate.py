@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 
@@ -108,8 +108,12 @@ def evaluate_one(text: str, *, raw: bool = True, prompt: dict | None = None, max
     return row
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: warm up, say ready, then answer ``(index, text, raw, prompt, max_sites)`` tasks until None."""
+def _evaluate_task(text: str, raw: bool, prompt: dict | None, max_sites: int) -> dict:
+    return evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites)
+
+
+def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
+    """Worker loop: warm up, say ready, then answer ``(index, *args)`` tasks with ``fn(*args)`` until None."""
     evaluate_one(_WARMUP_CIF, raw=False)
     conn.send("ready")
     while True:
@@ -119,16 +123,15 @@ def _worker_main(conn: Connection) -> None:
             return
         if task is None:
             return
-        index, text, raw, prompt, max_sites = task
-        conn.send((index, evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites)))
+        conn.send((task[0], fn(*task[1:])))
 
 
 class _Worker:
     """One killable worker process and the item it is working on."""
 
-    def __init__(self, ctx: mp.context.BaseContext) -> None:
+    def __init__(self, ctx: mp.context.BaseContext, fn: Callable[..., dict]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
         self.proc.start()
         child.close()
         self.ready = False
@@ -180,13 +183,28 @@ def _problem_row(reason: str, detail: str) -> dict:
     return row
 
 
-def _run_pool(tasks: list[tuple], workers: int, timeout_s: float | None, progress: Progress | None) -> list[dict]:
-    """Evaluate ``tasks`` (index first) on ``workers`` killable processes; rows come back in task order."""
+def run_pool(
+    fn: Callable[..., dict],
+    tasks: list[tuple],
+    workers: int,
+    timeout_s: float | None,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Run ``fn(*task[1:])`` for every task on ``workers`` killable, time-boxed processes; results in task order.
+
+    Args:
+        fn: A module-level function (picklable where workers are spawned) returning a dict.
+        tasks: Tuples whose first item is the task's position in ``tasks`` (0, 1, ...), then ``fn``'s arguments.
+        workers: Worker processes (at most one per task).
+        timeout_s: Time box per task in seconds (None: none). A task over it, or whose worker dies, gets a row
+            from `_problem_row` (``failure_reason`` ``timeout`` / ``worker_crashed``) and a fresh worker.
+        progress: Called as ``progress(done, total)`` after each task.
+    """
     ctx = _context()
     pending = deque(tasks)
     rows: list[dict | None] = [None] * len(tasks)
     done = 0
-    pool = [_Worker(ctx) for _ in range(min(workers, len(tasks)))]
+    pool = [_Worker(ctx, fn) for _ in range(min(workers, len(tasks)))]
 
     def finish(index: int, row: dict) -> None:
         nonlocal done
@@ -214,7 +232,7 @@ def _run_pool(tasks: list[tuple], workers: int, timeout_s: float | None, progres
                         raise RuntimeError("an evaluation worker died while starting; see its stderr above")
                     w.stop(kill=True)
                     finish(w.index, _problem_row("worker_crashed", f"the worker exited with {w.proc.exitcode}"))
-                    pool[pool.index(w)] = _Worker(ctx)
+                    pool[pool.index(w)] = _Worker(ctx, fn)
                     continue
                 if message == "ready":
                     w.ready = True
@@ -230,7 +248,7 @@ def _run_pool(tasks: list[tuple], workers: int, timeout_s: float | None, progres
                     raise RuntimeError(f"an evaluation worker did not start within {_STARTUP_TIMEOUT_S} s")
                 w.stop(kill=True)
                 finish(w.index, _problem_row("timeout", f"no verdict within {timeout_s} s; the worker was killed"))
-                pool[i] = _Worker(ctx)
+                pool[i] = _Worker(ctx, fn)
     finally:
         for w in pool:
             w.stop(kill=done < len(tasks))
@@ -275,7 +293,7 @@ def evaluate_texts(
                 progress(i + 1, len(items))
     else:
         tasks = [(i, text, raw, prompt, max_sites) for i, (_, text) in enumerate(items)]
-        rows = _run_pool(tasks, workers, timeout_s, progress)
+        rows = run_pool(_evaluate_task, tasks, workers, timeout_s, progress)
     for (name, _), row in zip(items, rows):
         row["file"] = name
     return pd.DataFrame(rows, columns=list(COLUMNS))
