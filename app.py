@@ -17,6 +17,7 @@ PAGES = [
     st.Page("pages/train.py", title="Train", url_path="train"),
     st.Page("pages/sample.py", title="Sample", url_path="sample"),
     st.Page("pages/compare.py", title="Compare", url_path="compare"),
+    st.Page("pages/csp.py", title="Structure prediction", url_path="csp"),
     st.Page("pages/structure.py", title="Structure", url_path="structure"),
 ]
 

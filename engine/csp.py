@@ -259,6 +259,7 @@ def _target_result(target: Target, texts: list[str], rows: list[dict]) -> dict:
         "best_sample": best["index"] if best else None,
         "matched_struct_only": bool(struct_matched),
         "best_rms_struct_only": min(s["rms"] for s in struct_matched) if struct_matched else None,
+        "target_cif": target.cif,
         "samples": samples,
     }
 
@@ -269,10 +270,16 @@ RESULT_COLUMNS = (
 )  # fmt: skip
 
 
-def summarize(run_dir: str | os.PathLike) -> dict:
-    """Aggregate ``targets/*.json`` into ``results.csv``, ``summary.json`` and ``summary.md``; return the summary.
+def target_record(run_dir: str | os.PathLike, index: int) -> dict | None:
+    """One finished target's record (``targets/NNNN.json``: samples, verdicts, target CIF), or None."""
+    return read_json(Path(run_dir) / "targets" / f"{index:04d}.json")
 
-    Counts only finished targets, so it can be called on a partial run (``complete`` says whether it is).
+
+def aggregate(run_dir: str | os.PathLike):
+    """``(summary, results table)`` of the finished targets of a run, partial or complete; writes nothing.
+
+    Raises:
+        InputError: the folder is not a CSP run.
     """
     import pandas as pd
 
@@ -282,7 +289,6 @@ def summarize(run_dir: str | os.PathLike) -> dict:
         raise InputError(f"{run} is not a CSP run folder (no config.json); start one with 'crystallab csp'")
     records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((run / "targets").glob("*.json"))]
     table = pd.DataFrame([{c: r[c] for c in RESULT_COLUMNS} for r in records], columns=list(RESULT_COLUMNS))
-    atomic_write_text(run / "results.csv", table.to_csv(index=False))
     n = len(records)
     samples = sum(r["k"] for r in records)
     matched = [r for r in records if r["matched"]]
@@ -307,6 +313,17 @@ def summarize(run_dir: str | os.PathLike) -> dict:
         "targets_source": config["targets"]["source"],
         "sampling": config["sampling"],
     }
+    return summary, table
+
+
+def summarize(run_dir: str | os.PathLike) -> dict:
+    """Aggregate ``targets/*.json`` into ``results.csv``, ``summary.json`` and ``summary.md``; return the summary.
+
+    Counts only finished targets, so it can be called on a partial run (``complete`` says whether it is).
+    """
+    run = Path(run_dir)
+    summary, table = aggregate(run)
+    atomic_write_text(run / "results.csv", table.to_csv(index=False))
     atomic_write_json(run / "summary.json", summary)
     atomic_write_text(run / "summary.md", summary_markdown(summary))
     return summary
@@ -530,7 +547,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(f"{Path(args.targets).stem}-k{args.k}-{stamp}")
     if not out.is_absolute():
-        out = get_settings().runs_dir / "csp" / out
+        out = get_settings().csp_dir / out
     bars: list[tqdm] = []  # made on the first report, so an input error prints alone
 
     def progress(done: int, total: int) -> None:

@@ -25,7 +25,7 @@ class Settings:
     """Resolved folder locations for one process."""
 
     runs_dir: Path
-    """Root of all outputs: ``data/``, ``train/``, ``samples/``, ``sweeps/`` live under it."""
+    """Root of all outputs: ``data/``, ``train/``, ``samples/``, ``sweeps/``, ``csp/`` live under it."""
     data_dirs: tuple[Path, ...]
     """Folders (besides ``runs_dir``) from which user-named files may be read."""
     cache_dir: Path
@@ -46,6 +46,10 @@ class Settings:
     @property
     def sweeps_dir(self) -> Path:
         return self.runs_dir / "sweeps"
+
+    @property
+    def csp_dir(self) -> Path:
+        return self.runs_dir / "csp"
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:

@@ -145,6 +145,11 @@ def sweeps() -> list[Path]:
     return _dirs(settings().sweeps_dir, "sweep.yaml")
 
 
+def csp_runs() -> list[Path]:
+    """Structure-prediction benchmark runs (folders with ``config.json``) under ``runs/csp/``, newest first."""
+    return _dirs(settings().csp_dir, "config.json")
+
+
 def follow(key: str, value: object) -> None:
     """Select ``value`` in the widget ``key`` once (e.g. the output of a job that just finished), leaving the
     user free to choose something else afterwards."""

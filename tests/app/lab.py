@@ -1,8 +1,10 @@
-"""A tiny but real lab for the dashboard tests: dataset, trained checkpoint, evaluated sample set and sweep.
+"""A tiny but real lab for the dashboard tests: dataset, trained checkpoint, evaluated sample set, sweep and a
+structure-prediction (CSP) run.
 
 Everything is made by the engine's own functions on CPU in well under a minute: three rock-salt CIFs are
-tokenized, a 2-layer model memorises them (60 steps), samples are drawn and evaluated, and a two-prompt sweep
-runs. Memorising keeps the samples parseable, so 3D views and validity tables have real content.
+tokenized, a 2-layer model memorises them (60 steps), samples are drawn and evaluated, a two-prompt sweep runs,
+and the CSP benchmark recalls the three structures. Memorising keeps the samples parseable, so 3D views and
+validity tables have real content.
 Built once per pytest session under the session's base temp folder (shared by tests/app and tests/e2e).
 """
 
@@ -38,6 +40,7 @@ def make_lab(base: Path, cache: Path) -> Path:
     import torch
 
     from engine.config import load_config
+    from engine.csp import run_csp
     from engine.datasets import build_dataset
     from engine.evaluate import evaluate_sample_set
     from engine.prompts import build_prompts
@@ -65,6 +68,8 @@ def make_lab(base: Path, cache: Path) -> Path:
                                   "temperatures": [0.3], "n": [2], "seeds": [1], "max_new_tokens": 300,
                                   "device": "cpu", "eval_workers": 1})
         run_sweep(sweep, runs / "sweeps" / "tiny")
+        run_csp(ckpt, base / "cifs", runs / "csp" / "rocksalts", k=2, temperature=0.0, max_new_tokens=400,
+                device="cpu", workers=1)
     finally:
         torch.set_num_threads(old_threads)
         for k, v in old_env.items():

@@ -179,3 +179,37 @@ def test_sweep_button_runs_a_two_prompt_sweep(lab):
     at.run()
     assert at.selectbox(key="compare_pick_sweep").value == lab / "sweeps" / "apptest-sweep"
     assert list(at.table[0].value["prompt"]) == ["Na4Cl4", "K4Cl4"]
+
+
+def test_structure_prediction_page_runs_the_benchmark_and_shows_target_and_sample(lab):
+    at = open_page("pages/csp.py")
+    assert at.title[0].value == "Structure prediction"
+    at.selectbox(key="csp_ckpt").set_value("train/tiny/ckpt/last.pt").run()
+    outside = lab.parent / "cifs"  # the lab's training CIFs, outside the runs root
+    at.text_input(key="csp_targets").input(str(outside))
+    at.button(key="csp_run").click().run()
+    assert "outside the folders this lab may read" in " ".join(e.value for e in at.error)
+
+    inside = lab / "csp-targets"
+    inside.mkdir(exist_ok=True)
+    for cif in outside.glob("*.cif"):
+        (inside / cif.name).write_text(cif.read_text())
+    at.text_input(key="csp_name").input("apptest-csp")
+    at.text_input(key="csp_targets").input("csp-targets")  # relative to the runs root
+    at.number_input(key="csp_k").set_value(1)
+    at.number_input(key="csp_limit").set_value(0)
+    at.slider(key="csp_temp").set_value(0.0)
+    at.number_input(key="csp_max_tokens").set_value(400)
+    at.selectbox(key="csp_device").set_value("cpu")
+    at.button(key="csp_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    state = wait_for_job(lab / "jobs" / "csp" / "apptest-csp")
+    assert state["state"] == "finished", jobs.tail_log(lab / "jobs" / "csp" / "apptest-csp")
+
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="csp_pick").value == lab / "csp" / "apptest-csp"
+    m = metrics(at)
+    assert m["Targets"] == "3" and m["Match rate"] == "100.0 %"  # greedy recalls the memorised rock salts
+    assert len(at.get("iframe")) == 2  # the target and its best sample in 3D
+    assert "matched" in at.selectbox(key="csp_sample").format_func(at.selectbox(key="csp_sample").value)

@@ -155,7 +155,8 @@ def test_sample_view_and_sweep_offline(server):
         try:
             _sample_and_view(page, url, runs)
             text = _sweep(page, url, runs)
-            for name, title in (("data", "Data"), ("train", "Train"), ("structure", "Structure")):
+            for name, title in (("data", "Data"), ("train", "Train"), ("structure", "Structure"),
+                                ("csp", "Structure prediction")):
                 _open(page, f"{url}/{name}", title)
                 page.wait_for_timeout(1000)
                 page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
