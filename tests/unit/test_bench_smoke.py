@@ -153,3 +153,14 @@ def test_dashboard_bench_times_pages_and_a_large_sample_set(tmp_path_factory):
     assert big["n"] == 30 and big["samples_shown"] == "30" and big["error"] is None
     assert small["samples_shown"] == str(small["n"])
     assert not (runs / "samples" / "bench-synthetic-30").exists()  # the synthetic set is removed afterwards
+
+
+def test_csp_oracle_bench_finds_every_target_that_passes_the_validity_filter(shared_dir):
+    targets = shared_dir / "data" / "mp20_subset" / "test.csv"
+    result = run_script("csp_oracle", "--targets", str(targets), "--limit", "12", "--workers", "2")
+    assert_machine_record(result)
+    assert result["n_targets"] == 12
+    # A perfect model finds exactly the targets the CDVAE filter lets through, up to the text's 4-decimal rounding.
+    assert result["oracle_match_rate"] == result["target_valid_rate"] > 0.5
+    assert result["oracle_rmse"] < 1e-3
+    assert [r["workers"] for r in result["runs"]] == [1, 2] and all(r["samples_per_s"] > 0 for r in result["runs"])
