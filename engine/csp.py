@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import random
 import sys
@@ -109,7 +108,7 @@ def _target_from_text(index: int, name: str, text: str, with_spacegroup: bool):
     """A `Target` from one CIF text. Raises InputError/PromptError with the reason a target cannot be used."""
     from engine.canonical import canonicalize, model_view
     from engine.checks import cdvae_struct_valid, smact_valid
-    from engine.prompts import build_prompts, parse_formula_spec
+    from engine.prompts import cell_prompt
 
     view = model_view(canonicalize(text))
     first = view.split("\n", 1)[0]
@@ -118,13 +117,10 @@ def _target_from_text(index: int, name: str, text: str, with_spacegroup: bool):
         (line.split(" ", 1)[1] for line in view.split("\n") if line.startswith("_symmetry_space_group_name_H-M ")),
         "",
     )
-    counts = parse_formula_spec(cell)
-    z = math.gcd(*counts.values())
-    unit = "".join(f"{el}{n // z if n // z > 1 else ''}" for el, n in counts.items())
-    prompt = build_prompts(unit, z=z, spacegroup=spacegroup if with_spacegroup else None)[0]
+    prompt = cell_prompt(cell, spacegroup if with_spacegroup else None)
     structure = _structure(text)
     valid = bool(cdvae_struct_valid(structure) and smact_valid(structure.composition))
-    return Target(index, name, prompt.text, cell, z, spacegroup, len(structure), valid, text)
+    return Target(index, name, prompt.text, cell, prompt.z, spacegroup, len(structure), valid, text)
 
 
 def load_targets(

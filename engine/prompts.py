@@ -268,15 +268,25 @@ def build_prompts(formula: str | None, z: int | None = None, spacegroup: str | i
     else:
         zs = [divisor] if divisor > 1 else list(DEFAULT_ZS)
     sg = normalize_spacegroup(spacegroup) if spacegroup not in (None, "") else None
-    prompts = []
-    for zi in zs:
-        cell = cell_formula(Composition({el: n * zi for el, n in reduced.items()}))
-        text = f"data_{cell}\n"
-        if sg is not None:
-            text += _atom_props_loop(list(parse_formula_spec(cell))) + f"{HM_TAG} {sg}\n"
-        label = cell if sg is None else f"{cell} {sg}"
-        prompts.append(Prompt(text=text, formula=cell, z=zi, spacegroup=sg, label=label))
-    return prompts
+    return [cell_prompt(cell_formula(Composition({el: n * zi for el, n in reduced.items()})), sg) for zi in zs]
+
+
+def cell_prompt(cell: str, spacegroup: str | int | None = None) -> Prompt:
+    """The prompt for an exact cell composition as a ``data_`` line writes it (``Na4Cl4``), with no limit on Z.
+
+    For prompts taken from known structures (the CSP benchmark), whose conventional cells can hold more formula
+    units than `MAX_Z` allows for typed requests. Z is the greatest common divisor of the counts.
+
+    Raises:
+        PromptError: a malformed composition or space group, or an element outside the vocabulary.
+    """
+    counts = parse_formula_spec(cell)
+    sg = normalize_spacegroup(spacegroup) if spacegroup not in (None, "") else None
+    text = f"data_{cell}\n"
+    if sg is not None:
+        text += _atom_props_loop(list(counts)) + f"{HM_TAG} {sg}\n"
+    label = cell if sg is None else f"{cell} {sg}"
+    return Prompt(text=text, formula=cell, z=math.gcd(*counts.values()), spacegroup=sg, label=label)
 
 
 def _atom_props_loop(elements: list[str]) -> str:

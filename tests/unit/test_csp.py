@@ -78,6 +78,14 @@ def test_targets_are_prompted_with_their_canonical_cell_composition(shared_dir, 
     assert [t.name for t in subset] == [t.name for t in again] and len(subset) == 3
 
 
+def test_a_target_with_more_formula_units_than_a_typed_prompt_allows_is_still_prompted(shared_dir, tmp_path):
+    rows = pd.read_csv(shared_dir / "data" / "carbon_24" / "test.csv")
+    rows[rows.material_id == "C-150735-7115-7"].to_csv(tmp_path / "c.csv", index=False)
+    (target,), rejects = load_targets(tmp_path / "c.csv")
+    assert not rejects and target.z > 32  # its conventional cell holds 44 carbon atoms
+    assert target.prompt_text == f"data_C{target.z}\n"
+
+
 def test_bad_targets_sources_are_refused_with_the_input_named(tmp_path):
     no_cif = tmp_path / "props.csv"
     no_cif.write_text("material_id,formula\nmp-1,NaCl\n")
