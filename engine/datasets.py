@@ -7,7 +7,8 @@ A dataset folder (``runs/data/<name>/`` by default) holds:
 - ``meta.pkl`` (upstream layout ``{"vocab_size", "itos": {int: str}, "stoi": {str: int}}``) and ``meta.json``
   (the same; JSON turns the ``itos`` keys into strings).
 - ``starts.pkl`` / ``starts_val.pkl``: sorted offsets where each CIF's ``data_`` token begins.
-- ``rejects.jsonl`` (``{"source", "name", "reason"}`` per input that could not be used), ``duplicates.jsonl``
+- ``rejects.jsonl`` (``{"source", "name", "reason"}`` per input that could not be used: a CIF, or a whole
+  source file that could not be read when several sources were given), ``duplicates.jsonl``
   (``{"source", "name", "kept_source", "kept_name", "key"}``), ``index.jsonl`` (built datasets: one record per
   CIF with split, offset, token count, source, name and CSV metadata), ``stats.json`` and ``dataset.json``
   (provenance and the data fingerprint).
@@ -46,16 +47,19 @@ from engine.sources import (
     SOURCE_KINDS_HELP,
     Progress,
     SourceItem,
+    check_source,
     copy_stream,
     describe_source,
     extract_token_archive,
     open_bin,
     read_meta,
-    read_source,
+    scan_source,
 )
 from engine.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SG_SUFFIX, STOI, TOKENS, UNK_ID, VOCAB_SIZE, meta_dict
 
 BIN_FILES = ("train.bin", "val.bin")
+MAX_SKIPPED_LISTED = 100
+"""``stats.json`` names at most this many skipped non-CIF files (``skipped`` counts them all)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,11 +398,17 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         overwrite: replace an existing dataset in ``out_dir``.
         progress: called as ``progress(done, total)`` with counts of inputs processed.
 
+    A CIF that cannot be used becomes a line of ``rejects.jsonl`` with its reason. So does a whole source file
+    that cannot be read (a binary ``.cif``, a CSV without a ``cif`` column, a corrupt zip) when several sources
+    are given: the build goes on with the others. Files inside a folder or archive that are not CIFs
+    (``readme.txt``) are skipped and counted in ``stats.json`` (``skipped``, ``skipped_files``).
+
     Returns:
         The statistics also written to ``stats.json``.
 
     Raises:
-        InputError: a source cannot be read, ``out_dir`` is taken, or too few CIFs survive for the split.
+        InputError: a source does not exist (checked before anything is read); the only source, or every
+            source, cannot be read; ``out_dir`` is taken; or too few CIFs survive for the split.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
@@ -407,12 +417,14 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         raise InputError(f"val_fraction={val_fraction} must be at least 0 and below 1 (e.g. 0.1).")
     if not sources:
         raise InputError(f"no dataset sources given; give {SOURCE_KINDS_HELP}.")
-    items: list[SourceItem] = [item for s in sources for item in read_source(s)]
+    for s in sources:  # a mistyped path fails at once, not after the other sources were read
+        check_source(s)
+    items, rejects, skipped = _read_sources(sources)
+    unreadable = len(rejects)  # whole sources; the loop below adds the rejected CIFs
     todo = [i for i, item in enumerate(items) if item.error is None]
     results = _run_workers([(items[i].text, items[i].structure) for i in todo], workers, symmetrized, progress)
 
     outcome = dict(zip(todo, results))
-    rejects: list[dict] = []
     accepted: list[tuple[int, _Canonical]] = []  # (item index, result), in input order
     dropped_chars: Counter[str] = Counter()
     for i, item in enumerate(items):
@@ -426,7 +438,8 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     kept, duplicates = _deduplicate(accepted, items) if dedup else (accepted, [])
     if not kept:
         first = "; ".join(f"{r['name']}: {r['reason']}" for r in rejects[:3])
-        raise InputError(f"none of the {len(items)} inputs could be used ({first}). Fix the inputs listed.")
+        raise InputError(f"none of the {len(items) + unreadable} inputs could be used ({first}). Fix the inputs "
+                         "listed.")
     n_val = _split_counts(len(kept), val_fraction)
     order = np.random.default_rng(seed).permutation(len(kept))
     splits = {"val": [kept[k] for k in order[:n_val]], "train": [kept[k] for k in order[n_val:]]}
@@ -449,9 +462,12 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         _write_jsonl(tmp / "index.jsonl", index)
         stats = {
             "kind": "built",
-            "inputs": len(items),
+            "inputs": len(items) + unreadable,
             "accepted": len(accepted),
             "rejected": len(rejects),
+            "unreadable_sources": unreadable,
+            "skipped": len(skipped),
+            "skipped_files": skipped[:MAX_SKIPPED_LISTED],
             "duplicates_removed": len(duplicates),
             "dropped_chars": sum(dropped_chars.values()),
             "dropped_char_counts": dict(dropped_chars.most_common()),
@@ -462,6 +478,35 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _read_sources(sources: Sequence[str | os.PathLike]) -> tuple[list[SourceItem], list[dict], list[dict]]:
+    """Read every source: ``(items, rejects, skipped)``.
+
+    A source that cannot be read becomes a reject ``{"source", "name", "reason"}`` (its items are missing) as
+    long as another source can be read; with a single source, or when none can be read, the error is raised.
+    ``skipped`` holds ``{"source", "name"}`` per non-CIF file found in a folder or archive.
+    """
+    items: list[SourceItem] = []
+    rejects: list[dict] = []
+    skipped: list[dict] = []
+    errors: list[InputError] = []
+    for s in sources:
+        try:
+            scan = scan_source(s)
+        except InputError as exc:
+            if len(sources) == 1:
+                raise
+            errors.append(exc)
+            rejects.append({"source": str(s), "name": Path(str(s)).name, "reason": str(exc)})
+            continue
+        items += scan.items
+        skipped += [{"source": str(s), "name": name} for name in scan.skipped]
+    if errors and len(errors) == len(sources):
+        shown = " | ".join(str(e) for e in errors[:3]) + (f" | ... ({len(errors) - 3} more)" if len(errors) > 3
+                                                           else "")
+        raise InputError(f"none of the {len(sources)} sources could be read: {shown}")
+    return items, rejects, skipped
 
 
 def _deduplicate(accepted: list[tuple[int, _Canonical]],
@@ -726,8 +771,14 @@ def _print_summary(folder: Path, stats: dict) -> None:
     if stats.get("kind") == "built":
         print(f"  inputs {stats['inputs']}  accepted {stats['accepted']}  rejected {stats['rejected']}"
               f"  duplicates removed {stats['duplicates_removed']}")
+        if stats.get("unreadable_sources"):
+            print(f"  {stats['unreadable_sources']} source file(s) could not be read at all (listed as rejects)")
         if stats["rejected"]:
             print(f"  reasons for each reject: {folder / 'rejects.jsonl'}")
+        if stats.get("skipped"):
+            names = ", ".join(f["name"] for f in stats.get("skipped_files", [])[:5])
+            more = ", ..." if stats["skipped"] > 5 else ""
+            print(f"  skipped {stats['skipped']} file(s) that are not .cif: {names}{more}")
     print(f"  train {stats.get('train_cifs')} CIFs / {stats.get('train_tokens')} tokens;"
           f"  val {stats.get('val_cifs')} CIFs / {stats.get('val_tokens')} tokens")
     if per:

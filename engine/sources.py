@@ -1,10 +1,14 @@
 """Reading dataset inputs: folders, archives and CSVs of CIFs, single CIF files, and the built-in corpus.
 
-`read_source` turns one user-given source into an ordered list of `SourceItem`s, one per CIF (``data_`` block).
+`read_source` turns one user-given source into an ordered list of `SourceItem`s, one per CIF (``data_`` block);
+`scan_source` also names the files a folder or archive holds that are not CIFs (``readme.txt``), which are skipped.
 Order is deterministic (sorted paths / archive members, CSV row order) so the same inputs always give the same
 dataset. Problems with a single CIF inside a container (an unreadable member, an empty CSV cell) become items
 carrying an ``error`` that the builder writes to ``rejects.jsonl``; problems with the source as a whole (missing
-path, CSV without a ``cif`` column, archive without CIFs, a binary file) raise `InputError`.
+path, CSV without a ``cif`` column, archive without CIFs, a binary file) raise `InputError`. `check_source` tells
+the first kind of those (a mistyped argument: missing path, bad ``builtin`` spelling) apart from the others (a
+file that exists but cannot be read as CIFs), so a builder given several sources can reject one bad file and go
+on with the rest.
 
 The second half reads CrystaLLM token files for ``import-tokens`` and dataset loading: it streams
 ``train.bin`` / ``val.bin`` / ``meta.pkl`` out of a token archive, memory-maps bins, and checks that a ``meta``
@@ -21,7 +25,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -60,35 +64,75 @@ class SourceItem:
     """Why this item cannot be used, found while reading; it goes straight to the rejects."""
 
 
+class SourceScan(NamedTuple):
+    """What one source holds: its CIFs, and the other files it holds that were skipped."""
+
+    items: list[SourceItem]
+    skipped: list[str]
+    """Names (relative path or archive member) of files that are not CIFs (``readme.txt``, macOS ``._x.cif``
+    resource forks); only folders and archives have any."""
+
+
+def _is_builtin(label: str) -> bool:
+    return label == "builtin" or label.startswith("builtin:")
+
+
+def check_source(source: str | Path) -> None:
+    """Refuse a source argument that names nothing: a path that does not exist, or a misspelt ``builtin:N:SEED``.
+
+    These are mistakes in the argument itself, so a build stops on them before reading anything; whether an
+    existing file can be read is `scan_source`'s business.
+
+    Raises:
+        InputError: naming the source and the forms a source may take.
+    """
+    label = str(source)
+    if Path(label).expanduser().exists():
+        return
+    if _is_builtin(label):
+        parse_builtin(label)
+        return
+    raise InputError(f"dataset source {label!r} does not exist; give {SOURCE_KINDS_HELP}.")
+
+
 def read_source(source: str | Path) -> list[SourceItem]:
-    """Read every CIF of one source, in a deterministic order.
+    """Read every CIF of one source, in a deterministic order (`scan_source` without the skipped names).
 
     Raises:
         InputError: the source does not exist, has an unsupported type, or holds no CIF at all.
     """
+    return scan_source(source).items
+
+
+def scan_source(source: str | Path) -> SourceScan:
+    """Read every CIF of one source, in a deterministic order, and name the non-CIF files skipped on the way.
+
+    Raises:
+        InputError: the source does not exist, has an unsupported type, or holds no CIF at all.
+    """
+    check_source(source)
     label = str(source)
     path = Path(label).expanduser()
     if not path.exists():
-        if label == "builtin" or label.startswith("builtin:"):
-            return _read_builtin(label)
-        raise InputError(f"dataset source {label!r} does not exist; give {SOURCE_KINDS_HELP}.")
+        return SourceScan(_read_builtin(label), [])
+    skipped: list[str] = []
     if path.is_dir():
-        items = _read_folder(path, label)
+        items = _read_folder(path, label, skipped)
         kind = "folder"
     else:
         lower = path.name.lower()
         if lower.endswith(".csv"):
-            return _read_csv(path, label)
+            return SourceScan(_read_csv(path, label), [])
         if lower.endswith(".cif"):
             items = _split_blocks(_decode(path.read_bytes(), label), label, path.name)
             if not items:
                 raise InputError(f"{label} has no 'data_' block: it is not a CIF file.")
-            return items
+            return SourceScan(items, [])
         if lower.endswith(".zip"):
-            items = _read_zip(path, label)
+            items = _read_zip(path, label, skipped)
             kind = "zip archive"
         elif lower.endswith((".tar.gz", ".tgz", ".tar")):
-            items = _read_tar(path, label)
+            items = _read_tar(path, label, skipped)
             kind = "tar archive"
         else:
             raise InputError(f"dataset source {label!r} has an unsupported type; give {SOURCE_KINDS_HELP}.")
@@ -97,7 +141,7 @@ def read_source(source: str | Path) -> list[SourceItem]:
             f"the {kind} {label} contains no .cif files. {_token_hint(path)}"
             f"Give {SOURCE_KINDS_HELP}."
         )
-    return items
+    return SourceScan(items, skipped)
 
 
 def _token_hint(path: Path) -> str:
@@ -143,14 +187,15 @@ def _items_from_bytes(data: bytes, source: str, name: str) -> list[SourceItem]:
     return items or [SourceItem(source, name, error="no 'data_' block: not a CIF")]
 
 
-def _read_folder(path: Path, label: str) -> list[SourceItem]:
-    files = sorted(
-        (p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(".cif")),
-        key=lambda p: p.relative_to(path).as_posix(),
-    )
+def _read_folder(path: Path, label: str, skipped: list[str]) -> list[SourceItem]:
+    """CIFs of a folder (searched recursively); the names of its other files are appended to ``skipped``."""
+    files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
     items: list[SourceItem] = []
     for p in files:
         name = p.relative_to(path).as_posix()
+        if not _is_cif_member(name):
+            skipped.append(name)
+            continue
         try:
             data = p.read_bytes()
         except OSError as exc:  # e.g. no read permission: that one file is rejected, the rest still build
@@ -166,10 +211,13 @@ def _is_cif_member(name: str) -> bool:
     return base.lower().endswith(".cif") and not base.startswith("._") and "__MACOSX/" not in name
 
 
-def _read_zip(path: Path, label: str) -> list[SourceItem]:
+def _read_zip(path: Path, label: str, skipped: list[str]) -> list[SourceItem]:
+    """CIF members of a zip archive; the names of its other files are appended to ``skipped``."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = sorted(i.filename for i in zf.infolist() if not i.is_dir() and _is_cif_member(i.filename))
+            files = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+            names = [n for n in files if _is_cif_member(n)]
+            skipped += [n for n in files if not _is_cif_member(n)]
             items: list[SourceItem] = []
             for name in names:
                 items += _items_from_bytes(zf.read(name), label, name)
@@ -178,11 +226,13 @@ def _read_zip(path: Path, label: str) -> list[SourceItem]:
     return items
 
 
-def _read_tar(path: Path, label: str) -> list[SourceItem]:
+def _read_tar(path: Path, label: str, skipped: list[str]) -> list[SourceItem]:
+    """CIF members of a (compressed) tar archive; the names of its other files are appended to ``skipped``."""
     try:
         with tarfile.open(path, "r:*") as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and _is_cif_member(m.name)),
-                             key=lambda m: m.name)
+            files = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            members = [m for m in files if _is_cif_member(m.name)]
+            skipped += [m.name for m in files if not _is_cif_member(m.name)]
             items: list[SourceItem] = []
             for m in members:
                 fh = tar.extractfile(m)
@@ -240,7 +290,7 @@ def describe_source(source: str | Path) -> str:
     """How a source is recorded in ``dataset.json``: an absolute path, or ``builtin:N:SEED`` spelled out."""
     label = str(source)
     path = Path(label).expanduser()
-    if not path.exists() and (label == "builtin" or label.startswith("builtin:")):
+    if not path.exists() and _is_builtin(label):
         return "builtin:%d:%d" % parse_builtin(label)
     return str(path.resolve())
 

@@ -211,6 +211,56 @@ def test_wrong_inputs_raise_input_errors_naming_them(mp20_rows, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_unreadable_source_among_several_is_a_reject_and_the_build_goes_on(mp20_rows, tmp_path):
+    for k in range(3):
+        (tmp_path / f"good{k}.cif").write_text(mp20_rows.cif[k])
+    (tmp_path / "blob.cif").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "empty.cif").write_text("")
+    pd.DataFrame({"formula": ["NaCl"], "x": [1]}).to_csv(tmp_path / "nocif.csv", index=False)
+    (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
+    bad = ["blob.cif", "empty.cif", "nocif.csv", "corrupt.zip"]
+    sources = [tmp_path / "good0.cif", *(tmp_path / b for b in bad), tmp_path / "good1.cif", tmp_path / "good2.cif"]
+    stats = build_dataset(sources, tmp_path / "out", val_fraction=0, workers=1)
+    assert (stats["inputs"], stats["accepted"], stats["rejected"], stats["unreadable_sources"]) == (7, 3, 4, 4)
+    rejects = {r["name"]: r for r in _read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    assert set(rejects) == set(bad) and all(r["source"] == str(tmp_path / n) for n, r in rejects.items())
+    assert "binary file" in rejects["blob.cif"]["reason"] and "no 'data_' block" in rejects["empty.cif"]["reason"]
+    assert "no 'cif' column" in rejects["nocif.csv"]["reason"]
+    assert "not a readable zip" in rejects["corrupt.zip"]["reason"]
+    assert stats["train_cifs"] == 3
+
+
+def test_build_fails_clearly_when_every_source_is_unreadable_or_one_is_missing(mp20_rows, tmp_path):
+    (tmp_path / "blob.cif").write_bytes(b"\x00\x01\x02" * 100)
+    pd.DataFrame({"formula": ["NaCl"]}).to_csv(tmp_path / "nocif.csv", index=False)
+    with pytest.raises(InputError, match="none of the 2 sources could be read: .*blob.cif is a binary file.*"
+                                         "nocif.csv has no 'cif' column"):
+        build_dataset([tmp_path / "blob.cif", tmp_path / "nocif.csv"], tmp_path / "o")
+    (tmp_path / "good.cif").write_text(mp20_rows.cif[0])
+    with pytest.raises(InputError, match="typo.cif.*does not exist"):  # a mistyped path is not a reject
+        build_dataset([tmp_path / "good.cif", tmp_path / "typo.cif"], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_cif_files_in_folders_and_archives_are_counted_as_skipped(mp20_rows, tmp_path):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"c{k}.cif").write_text(mp20_rows.cif[k])
+    (folder / "readme.txt").write_text("notes")
+    (folder / "._c0.cif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with zipfile.ZipFile(tmp_path / "mixed.zip", "w") as zf:
+        zf.writestr("c3.cif", mp20_rows.cif[3])
+        zf.writestr("c4.cif", mp20_rows.cif[4])
+        zf.writestr("docs/readme.txt", "not a CIF")
+    stats = build_dataset([folder, tmp_path / "mixed.zip"], tmp_path / "out", val_fraction=0, workers=1)
+    assert (stats["inputs"], stats["rejected"], stats["skipped"]) == (5, 0, 3)
+    assert stats["skipped_files"] == [{"source": str(folder), "name": "._c0.cif"},
+                                      {"source": str(folder), "name": "readme.txt"},
+                                      {"source": str(tmp_path / "mixed.zip"), "name": "docs/readme.txt"}]
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["skipped"] == 3
+
+
 def test_existing_output_is_never_clobbered_silently(mp20_rows, tmp_path):
     (tmp_path / "one.cif").write_text(mp20_rows.cif[0])
     out = tmp_path / "ds"
@@ -357,3 +407,17 @@ def test_cli_build_inspect_and_import(mp20_csv, upstream, capsys):
     assert load_token_dataset(get_settings().datasets_dir / "up").train_starts.size == 3
     assert main(["data", "build", "missing.csv", "--out", "x"]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_cli_build_rejects_one_bad_cif_among_several_but_refuses_a_lone_one(mp20_rows, tmp_path, capsys):
+    for k in range(3):
+        (tmp_path / f"good{k}.cif").write_text(mp20_rows.cif[k])
+    (tmp_path / "empty.cif").write_text("")
+    files = [str(tmp_path / f) for f in ("good0.cif", "good1.cif", "good2.cif", "empty.cif")]
+    assert main(["data", "build", *files, "--out", "x", "--workers", "1"]) == 0
+    assert "rejected 1" in capsys.readouterr().out
+    (reject,) = _read_jsonl(get_settings().datasets_dir / "x" / "rejects.jsonl")
+    assert reject["name"] == "empty.cif" and "no 'data_' block" in reject["reason"]
+    assert main(["data", "build", str(tmp_path / "empty.cif"), "--out", "y"]) == 2
+    assert "empty.cif has no 'data_' block" in capsys.readouterr().err
+    assert not (get_settings().datasets_dir / "y").exists()
