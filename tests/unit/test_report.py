@@ -29,13 +29,16 @@ SHA = "abcdef0123456789" * 4
 
 
 def _set(folder: Path, *, ckpt: str = "nacl10", prompt: str = "Na2Cl2", t: float = 0.8, k: int = 10, n: int = 10,
-         seed: int = 1, step: int = 450, evaluated: bool = True, **metrics) -> Path:
+         seed: int = 1, step: int = 450, evaluated: bool = True, constrain: bool = True, ckpt_path: str | None = None,
+         sha: str = SHA, **metrics) -> Path:
     """Write a sample set's config.json and (unless not ``evaluated``) eval_summary.json and eval.csv."""
     folder.mkdir(parents=True)
     config = {
         "prompt": {"text": f"data_{prompt}\n", "formula": prompt, "z": 2, "spacegroup": None, "label": prompt},
-        "sampling": {"n": n, "temperature": t, "top_k": k, "top_p": 1.0, "seed": seed, "max_new_tokens": 3000},
-        "checkpoint": {"path": f"/runs/{ckpt}.pt", "step": step, "sha256": SHA, "run": ckpt},
+        "sampling": {"n": n, "temperature": t, "top_k": k, "top_p": 1.0, "seed": seed, "max_new_tokens": 3000,
+                     "constrain": constrain},
+        "checkpoint": {"path": ckpt_path or f"/runs/{ckpt}.pt", "step": step, "sha256": sha, "run": ckpt},
+        "device": "cuda:0 (NVIDIA H100 80GB HBM3)", "version": "0.1.0", "created_at": "2026-11-20T09:00:00+00:00",
     }
     (folder / "config.json").write_text(json.dumps(config))
     if evaluated:
@@ -60,13 +63,17 @@ def test_nacl10_table_has_the_seed_layout(tmp_path):
     assert lines[i + 2 : i + 5] == [
         "| checkpoint | prompt | n | parsed | valid | formula hits | unique (valid) | space groups |",
         "|:---|:---|---:|---:|---:|---:|---:|---:|",
-        "| nacl10 | Na2Cl2 | 10 | 10/10 (100%) | 10/10 (100%) | 10/10 (100%) | 4/10 (40%) | 2 |",
+        "| nacl10 | Na2Cl2 | 10 | 10/10 (100%) [72%, 100%] | 10/10 (100%) [72%, 100%] | 10/10 (100%) [72%, 100%] "
+        "| 4/10 (40%) [17%, 69%] | 2 |",
     ]
     assert lines[0] == "# NaCl-10"
-    assert "Sampling: T = 0.8, top-k = 10, top-p = 1, seed = 1, at most 3000 new tokens." in lines
-    assert f"- `nacl10`: train/nacl_ft_small/ckpt/best.pt (step 450, sha256 {SHA[:12]})" in lines
+    assert ("Sampling: T = 0.8, top-k = 10, top-p = 1, seed = 1, constrained decoding on, at most 3000 new tokens "
+            "per sample.") in lines
+    # the checkpoint file is not there any more: its training data cannot be vouched for
+    assert (f"- `nacl10`: train/nacl_ft_small/ckpt/best.pt (step 450, sha256 {SHA[:12]}; training data not "
+            "recorded in the checkpoint)") in lines
     assert "## Per prompt: valid" not in md and "## Macro-average over prompts" not in md  # one prompt
-    # every column shown is defined under the table, in the evaluator's words; columns not shown are not
+    # every column shown is defined in the legend, in the evaluator's words; columns not shown are not
     assert f"- **valid**: {METRIC_DEFINITIONS['validity']}" in lines
     assert f"- **unique (valid)**: {METRIC_DEFINITIONS['uniqueness_valid']}" in lines
     assert not any(line.startswith("- **unique**") or line.startswith("- **novelty**") for line in lines)
@@ -85,8 +92,9 @@ def test_three_checkpoints_keep_their_order_and_optional_columns_appear_when_the
     assert list(table["checkpoint"]) == ["small", "large", "nacl10"]  # as given, not alphabetical
     assert list(table.columns) == ["checkpoint", "prompt", "n", "parsed", "valid", "formula hits",
                                    "unique (valid)", "space groups", "novelty"]
-    assert table.iloc[0].tolist() == ["small", "Na2Cl2", "200", "180/200 (90%)", "150/200 (75%)",
-                                      "140/200 (70%)", "60/200 (30%)", "9", "50.0%"]
+    assert table.iloc[0].tolist() == ["small", "Na2Cl2", "200", "180/200 (90%) [85%, 93%]",
+                                      "150/200 (75%) [69%, 80%]", "140/200 (70%) [63%, 76%]",
+                                      "60/200 (30%) [24%, 37%]", "9", "50.0%"]
 
 
 def _ablation(tmp_path: Path) -> pd.DataFrame:
@@ -109,13 +117,16 @@ def test_temperature_ablation_macro_averages_over_prompts(tmp_path):
     assert first["valid_rate"] == pytest.approx((0.5 + 0.55 + 0.6) / 3)
     assert first["distinct_spacegroups"] == pytest.approx(7.0)
     display = macro_display(df)
-    assert list(display.columns) == ["checkpoint", "T", "prompts", "parsed", "valid", "unique", "unique (valid)",
-                                     "distinct formulas", "space groups"]
-    assert display.iloc[2].tolist() == ["small", "0.4", "3", "96.0%", "75.0%", "50.0%", "20.0%", "1.0", "5.0"]
+    assert list(display.columns) == ["checkpoint", "T", "prompts", "mean parsed", "mean valid", "mean unique",
+                                     "mean unique (valid)", "mean distinct formulas", "mean space groups"]
+    # mean counts are whole numbers when whole ("1", not "1.0"), one decimal otherwise
+    assert display.iloc[2].tolist() == ["small", "0.4", "3", "96.0%", "75.0%", "50.0%", "20.0%", "1", "5"]
     md = summary_markdown(df)
     assert "## Macro-average over prompts" in md
-    assert "| small | 0.4 | 3 | 96.0% | 75.0% | 50.0% | 20.0% | 1.0 | 5.0 |" in md
-    assert "Sampling: top-k = 5, top-p = 1, seed = 1" in md  # T varies, so it is a column instead
+    assert "| small | 0.4 | 3 | 96.0% | 75.0% | 50.0% | 20.0% | 1 | 5 |" in md
+    assert "Sampling: top-k = 5, top-p = 1, seed = 1, constrained decoding on" in md  # T varies: a column instead
+    df.loc[df["prompt"] == "Na2Cl2", "distinct_spacegroups"] += 1  # means of 7, 6, 5 +1 on one of three prompts
+    assert macro_display(df).iloc[0]["mean space groups"] == "7.3"
 
 
 def test_per_prompt_table_pivots_prompts_against_checkpoints_and_settings(tmp_path):
@@ -123,7 +134,7 @@ def test_per_prompt_table_pivots_prompts_against_checkpoints_and_settings(tmp_pa
     pivot = per_prompt_table(df)
     assert list(pivot.columns) == ["prompt", "small T=0.8", "small T=0.6", "small T=0.4"]
     assert list(pivot["prompt"]) == ["Na2Cl2", "Mg1O1", "Ti1O2"]
-    assert pivot.loc[1, "small T=0.6"] == "130/200 (65%)"  # validity 0.5 + 0.1 + 0.05
+    assert pivot.loc[1, "small T=0.6"] == "130/200 (65%) [58%, 71%]"  # validity 0.5 + 0.1 + 0.05
     with pytest.raises(ValueError, match="metric must be one of"):
         per_prompt_table(df, "validity")
 
@@ -185,3 +196,99 @@ def test_counts_agree_with_the_evaluators_per_sample_table(tmp_path, golden_cano
     assert row["n_parsed"] == table["parse_ok"].sum() == 6
     assert row["n_valid"] == table["is_valid"].sum() >= 4
     assert row["n_unique"] == 4  # the three copies are one structure
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from engine.report import wilson_interval
+
+    assert wilson_interval(3, 4) == pytest.approx((0.3006, 0.9544), abs=1e-4)  # "0.75 [0.30, 0.95], n = 4"
+    assert wilson_interval(0, 4) == pytest.approx((0.0, 0.4899), abs=1e-4)  # 0/4 still says "at most ~49 %"
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-4)
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0, 0)
+
+
+def _tiny_checkpoint(path: Path, dataset: str | None, fingerprint: str | None) -> Path:
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32))
+    config = {"dataset": dataset} if dataset else {}
+    return save_checkpoint(path, model=model, iter_num=450, best_val_loss=None, config=config,
+                           meta={"run": "nacl10", "data_fingerprint": fingerprint})
+
+
+def _legend_labels(lines: list[str]) -> set[str]:
+    """Every label the legend defines (a bullet may define several, comma-separated)."""
+    legend = lines[lines.index("## Legend"):]
+    labels = set()
+    for line in legend:
+        if line.startswith("- **"):
+            label = line[4:line.index("**:")]
+            labels |= set(label.split(", ")) if label.startswith("mean ") else {label}
+    return labels
+
+
+def test_report_states_provenance_and_defines_every_column(tmp_path):
+    from engine.checkpoint import checkpoint_sha256
+
+    ckpt = _tiny_checkpoint(tmp_path / "nacl10.pt", "nacl10_train", "f00dfeed" * 8)
+    sha = checkpoint_sha256(ckpt)
+    sets = [_set(tmp_path / f"s{i}", prompt=prompt, n=4, ckpt_path=str(ckpt), sha=sha, parse_rate=0.75,
+                 validity=0.75, formula_hit_rate=0.0, uniqueness_all=0.5, uniqueness_valid=0.5, distinct_formulas=1,
+                 distinct_spacegroups=1)
+            for i, prompt in enumerate(("Na2Cl2", "Mg1O1"))]
+    env = {"crystallab": "0.1.0", "git_sha": "0123456789abcdef0123", "device": "cuda"}
+    md = summary_markdown(compare_sample_sets(sets), title="t", environment=env)
+    lines = md.splitlines()
+    assert "constrained decoding on" in lines[2]
+    assert "Software: crystallab 0.1.0, git 0123456789ab. Device: cuda:0 (NVIDIA H100 80GB HBM3)." in lines
+    assert any(line.startswith("Dates: samples drawn 2026-11-20; report written 20") for line in lines)
+    assert (f"- `nacl10`: {ckpt} (step 450, sha256 {sha[:12]}; trained on `nacl10_train` "
+            "(data fingerprint f00dfeedf00d))") in lines
+    # rates with n and their 95 % interval; a hit rate of 0 of 4 is a count, not n/a
+    assert "| nacl10 | Na2Cl2 | 4 | 3/4 (75%) [30%, 95%] | 3/4 (75%) [30%, 95%] | 0/4 (0%) [0%, 49%] |" in md
+    # every column header of every table is defined, and the legend speaks to readers, not to developers
+    defined = _legend_labels(lines)
+    for i, line in enumerate(lines):
+        if line.startswith("|") and lines[i + 1].startswith("|:"):
+            headers = [h.strip() for h in line.strip("|").split("|")]
+            if headers[0] == "prompt":  # per-prompt table: the other columns are checkpoint labels
+                headers = headers[:1]
+            assert set(headers) <= defined, set(headers) - defined
+    assert {"k/n (p%) [low, high]", "n/a", "T", "constrained"} <= defined
+    assert "seed reports" not in md and "None" not in md
+
+
+def test_a_checkpoint_replaced_since_sampling_is_not_credited_with_its_training_data(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "nacl10.pt", "nacl10_train", "f00dfeed" * 8)
+    df = compare_sample_sets([_set(tmp_path / "s", ckpt_path=str(ckpt), sha="0" * 64, **NACL10)])
+    assert df.loc[0, "checkpoint_dataset"] is None
+    assert "training data not recorded in the checkpoint" in summary_markdown(df)
+
+
+def test_summary_csv_has_intervals_and_round_trips_to_whole_counts(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = ["a__Na2Cl2__T0.8_k10_p1.0_n4_s1", "a__Na2Cl2__T0.8_k10_p1.0_n4_s1_off"]
+    _set(sweep / "cells" / names[0], n=4, parse_rate=0.0, validity=0.0, formula_hit_rate=0.0, distinct_spacegroups=0)
+    _set(sweep / "cells" / names[1], n=4, constrain=False, parse_rate=0.75, validity=0.5, formula_hit_rate=0.25,
+         distinct_spacegroups=2)
+    write_sweep_report(sweep, names, checkpoints={}, title="t")
+    summary = pd.read_csv(sweep / "summary.csv")
+    for rate in ("parsed_rate", "valid_rate", "formula_hit_rate", "unique_valid_rate"):
+        assert {f"{rate}_ci_low", f"{rate}_ci_high"} <= set(summary.columns)
+    assert summary.loc[0, "valid_rate_ci_high"] == pytest.approx(0.4899, abs=1e-4)
+    assert summary.loc[1, "parsed_rate_ci_low"] == pytest.approx(0.3006, abs=1e-4)
+    assert pd.isna(summary.loc[0, "spacegroup_hit_rate_ci_low"])  # no prompt space group: no interval either
+    assert list(summary["constrain"]) == [True, False]
+    # the CSV read back (NaN columns make floats) still prints whole counts, and the switch as on/off
+    table = per_checkpoint_table(summary)
+    assert list(table["constrained"]) == ["on", "off"] and list(table["space groups"]) == ["0", "2"]
+    assert list(table["n"]) == ["4", "4"] and table.loc[1, "formula hits"] == "1/4 (25%) [5%, 70%]"
+    md = (sweep / "summary.md").read_text()
+    assert "`volume` in cubic angstrom (A^3), `density` in g/cm^3" in md  # units of samples.csv
+    assert "constrained decoding" not in md.split("## Per checkpoint")[0]  # it varies, so it is a column
