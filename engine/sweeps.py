@@ -51,7 +51,7 @@ from typing import Any, Callable
 import yaml
 
 from engine.config import parse_key_value, read_yaml_mapping
-from engine.errors import CheckpointError, ConfigError, CrystallabError, PromptError
+from engine.errors import CheckpointError, ConfigError, CrystallabError, InputError, PromptError
 from engine.fsutil import atomic_write_text, read_json
 from engine.prompts import Prompt, build_prompts, parse_formula_spec
 from engine.settings import get_settings
@@ -377,12 +377,24 @@ def resolve_checkpoint_path(path: str) -> Path:
 
 
 def resolve_out_dir(out: str | os.PathLike | None, name: str) -> Path:
-    """``--out`` (relative paths under ``runs/sweeps/``), or ``runs/sweeps/<name>``."""
+    """``--out`` (relative paths under ``runs/sweeps/``), or ``runs/sweeps/<name>``.
+
+    Raises:
+        InputError: the path, or a folder above it, is an existing file (a sweep folder cannot be made there).
+    """
     root = get_settings().sweeps_dir
     if out is None:
-        return root / name
-    p = Path(out).expanduser()
-    return p if p.is_absolute() else root / p
+        p = root / name
+    else:
+        p = Path(out).expanduser()
+        p = p if p.is_absolute() else root / p
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise InputError(f"sweep folder {p} {where}: give --out a folder (new, or a sweep to resume)")
+            break
+    return p
 
 
 def _stale_reason(cell: Cell, config: SweepConfig, recorded: dict, sha256: str) -> str | None:
@@ -588,6 +600,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
     Raises:
         CheckpointError: a checkpoint file is missing or unusable (checked before anything is sampled).
         ConfigError: the device is unavailable, or another sweep is running in the same folder.
+        InputError: ``out_dir`` is an existing file.
         Exception: the first evaluation error, re-raised after every other cell ran and the report was written.
     """
     import torch
@@ -611,6 +624,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
         for partial in (out / "cells").glob(".*.partial-*"):
             shutil.rmtree(partial)  # a sample set being written when a previous sweep was killed
         atomic_write_text(out / "sweep.yaml", dump_sweep_config(config))
+        sweep.folder.write_env(str(device))  # version, git commit, device: the report states them
         sweep.status(None, None, state="running", pid=os.getpid(), host=_host(), error=None, device=str(device),
                      current_cell=None, message="starting")
         state = _classify(sweep, infos)

@@ -176,7 +176,11 @@ def test_sweep_writes_every_cell_and_the_summary_tables(ckpt):
     md = (out / "summary.md").read_text()
     for heading in ("## Per checkpoint", "## Per prompt: valid", "## Macro-average over prompts"):
         assert heading in md
-    assert "| tiny | Na2Cl2 | 0.8 | 2 | 0/2 (0%) | 0/2 (0%) |" in md
+    assert "| tiny | Na2Cl2 | 0.8 | 2 | 0/2 (0%) [0%, 66%] | 0/2 (0%) [0%, 66%] |" in md
+    # what a paper needs: decoding mode, software and commit of the sweep's run, its device, the dates
+    env = json.loads((out / "env.json").read_text())
+    assert "constrained decoding on" in md and f"Device: {env['device']}." in md and "Dates: samples drawn" in md
+    assert f"crystallab {env['crystallab']}, git {str(env['git_sha'])[:12]}" in md
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "completed" and status["cells_done"] == status["cells_total"] == 4
     assert load_sweep_config(out / "sweep.yaml") == _config()
@@ -273,6 +277,18 @@ def test_cli_runs_the_shipped_tiny_config_and_prints_the_report(capsys):
     assert (get_settings().sweeps_dir / "cli" / "summary.md").exists()
     assert cli_main(["sweep", str(CONFIGS / "sweep_tiny.yaml"), "--set", "temprature=1"]) == 2
     assert "did you mean temperatures?" in capsys.readouterr().err
+
+
+def test_an_existing_file_as_out_is_a_one_line_error_also_for_check(tmp_path, capsys):
+    existing = tmp_path / "good0.cif"
+    existing.write_text("data_x\n")
+    config = str(CONFIGS / "sweep_tiny.yaml")
+    for out, says in ((existing, "is a file"), (existing / "sub", f"lies under {existing}, which is a file")):
+        for check in ([], ["--check"]):
+            assert cli_main(["sweep", config, "--out", str(out), *check]) == 2
+            err = capsys.readouterr().err
+            assert says in err and "give --out a folder" in err and "Traceback" not in err
+    assert existing.read_text() == "data_x\n"
 
 
 def test_a_failed_evaluation_fails_the_sweep_after_the_other_cells_finish(ckpt, monkeypatch):
