@@ -40,7 +40,10 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
         if not PRESETS:
             st.error(f"No presets found in {REPO_ROOT / 'configs'}.")
             st.stop()
-        default = next((i for i, p in enumerate(PRESETS) if p.stem == "tiny_cpu"), 0)
+        # The last preset this session chose (the selectbox forgets it while resume mode hides it), else tiny_cpu.
+        last = st.session_state.get("_train_form_preset")
+        default = next((i for i, p in enumerate(PRESETS) if str(p) == last),
+                       next((i for i, p in enumerate(PRESETS) if p.stem == "tiny_cpu"), 0))
         preset = st.selectbox("Preset", PRESETS, index=default, format_func=lambda p: p.stem, key="train_preset")
         with common.user_errors():
             base = load_config(preset)
@@ -55,23 +58,39 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
         names = [p.name for p in common.datasets()]
         if base.dataset not in names:
             names.insert(0, base.dataset)
+        # The form shows the chosen preset's values: choosing another preset loads its values into every field
+        # (a widget's `value=` only counts on its first render, so the preset's values go through session state).
+        # Streamlit drops the state of widgets a run does not draw (the form is hidden in resume mode), so a
+        # missing key is refilled from the preset too.
+        changed = st.session_state.get("_train_form_preset") != str(preset)
+        st.session_state["_train_form_preset"] = str(preset)
+        defaults = {
+            "train_name": base.name, "train_dataset": base.dataset,
+            "train_device": base.device if base.device in ("auto", "cpu", "cuda") else "auto",
+            "train_steps": base.max_iters, "train_lr": float(base.learning_rate), "train_batch": base.batch_size,
+            "train_block": base.block_size or 1024, "train_warmup": base.warmup_iters,
+            "train_eval": base.eval_interval, "train_dropout": float(base.dropout), "train_seed": base.seed,
+        }
+        for key, value in defaults.items():
+            if changed or key not in st.session_state:
+                st.session_state[key] = value
         with st.form("train_form"):
             c1, c2, c3 = st.columns(3)
-            name = c1.text_input("Run name", value=base.name, key="train_name",
+            name = c1.text_input("Run name", key="train_name",
                                  help="Folder under runs/train/; two launches with one name start one run")
-            dataset = c2.selectbox("Dataset", names, index=names.index(base.dataset), key="train_dataset")
-            device = c3.selectbox("Device", ["auto", "cpu", "cuda"], index=["auto", "cpu", "cuda"].index(
-                base.device if base.device in ("auto", "cpu", "cuda") else "auto"), key="train_device")
+            dataset = c2.selectbox("Dataset", names, key="train_dataset")
+            device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="train_device")
             c1, c2, c3, c4 = st.columns(4)
-            max_iters = c1.number_input("Steps", 1, 10**7, base.max_iters, key="train_steps")
-            lr = c2.number_input("Learning rate", 1e-7, 1.0, base.learning_rate, format="%.2e", key="train_lr")
-            batch = c3.number_input("Batch size", 1, 4096, base.batch_size, key="train_batch")
-            block = c4.number_input("Context (tokens)", 8, 8192, base.block_size or 1024, key="train_block")
+            max_iters = c1.number_input("Steps", 1, 10**7, key="train_steps")
+            lr = c2.number_input("Learning rate", 1e-7, 1.0, step=1e-4, format="%.2e", key="train_lr",
+                                 help="Peak learning rate after warmup; cosine decay to min_lr afterwards")
+            batch = c3.number_input("Batch size", 1, 4096, key="train_batch", help="Sequences per step")
+            block = c4.number_input("Context (tokens)", 8, 8192, key="train_block")
             c1, c2, c3, c4 = st.columns(4)
-            warmup = c1.number_input("Warmup steps", 0, 10**7, base.warmup_iters, key="train_warmup")
-            eval_every = c2.number_input("Evaluate every", 1, 10**7, base.eval_interval, key="train_eval")
-            dropout = c3.number_input("Dropout", 0.0, 0.9, float(base.dropout), 0.05, key="train_dropout")
-            seed = c4.number_input("Seed", 0, 2**31 - 1, base.seed, key="train_seed")
+            warmup = c1.number_input("Warmup steps", 0, 10**7, key="train_warmup")
+            eval_every = c2.number_input("Evaluate every (steps)", 1, 10**7, key="train_eval")
+            dropout = c3.number_input("Dropout", 0.0, 0.9, step=0.05, key="train_dropout")
+            seed = c4.number_input("Seed", 0, 2**31 - 1, key="train_seed")
             go_ = st.form_submit_button("Launch", icon=":material/rocket_launch:", key="train_launch")
         if go_:
             with common.user_errors():
@@ -97,9 +116,19 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
 # --- watch ---------------------------------------------------------------------------------------------------
 runs = common.train_runs()
 watch = st.session_state.get("train_watch")
-if watch and Path(watch) not in runs and (common.jobs_root("train") / Path(watch).name).exists():
-    # Just launched: the trainer has not written status.json yet; show the job so failures are visible.
-    common.live_job(common.jobs_root("train") / Path(watch).name, key="train_pending")
+pending_job = common.jobs_root("train") / Path(watch).name if watch else None
+if watch and Path(watch) not in runs and (pending_job / jobs.JOB_FILE).exists():
+    # Just launched: the trainer has not written status.json yet (imports, data, model). Show the job, and switch
+    # to the run's live view as soon as its folder appears (or show why the job ended).
+    @st.fragment(run_every=common.POLL_S)
+    def _pending() -> None:
+        state = common.job_panel(pending_job, key="train_pending")
+        if (Path(watch) / "status.json").exists() or state["state"] != "running":
+            st.rerun(scope="app")
+
+    _pending()
+    if not runs:
+        st.stop()
 if not runs:
     st.info("No training run yet: launch one above (the tiny_cpu preset trains on CPU in about a minute).")
     st.stop()
@@ -121,14 +150,16 @@ def _panel() -> str:
     status = RunFolder(run_dir).read_status()
     prog = dashboard.training_progress(run_dir)
     state = status.get("state", "pending")
-    c = st.columns(7)
+    # Two rows of four: seven metrics in one row are cut off ("com…") on a 1280-pixel screen.
+    c = st.columns(4)
     c[0].metric("State", state)
     c[1].metric("Step", f"{prog['step']:,} / {prog['max_steps']:,}")
     c[2].metric("Train loss", f"{prog['train_loss']:.4f}" if prog["train_loss"] is not None else "-")
     c[3].metric("Best val loss", f"{prog['best_val_loss']:.4f}" if prog["best_val_loss"] is not None else "-")
-    c[4].metric("Learning rate", f"{prog['lr']:.2e}" if prog["lr"] is not None else "-")
-    c[5].metric("Tokens/s", f"{prog['tokens_per_s']:,.0f}" if prog["tokens_per_s"] else "-")
-    c[6].metric("ETA", _eta(prog["eta_s"]))
+    c = st.columns(4)
+    c[0].metric("Learning rate", f"{prog['lr']:.2e}" if prog["lr"] is not None else "-")
+    c[1].metric("Tokens/s", f"{prog['tokens_per_s']:,.0f}" if prog["tokens_per_s"] else "-")
+    c[2].metric("ETA", _eta(prog["eta_s"]))
     st.progress(prog["fraction"])
     gpus = dashboard.gpu_memory()
     mem = " | ".join(f"GPU{g['index']} {g['used_gb']:.1f}/{g['total_gb']:.0f} GiB" for g in gpus or [])
@@ -173,10 +204,18 @@ def _panel() -> str:
     return state
 
 
-if RunFolder(run_dir).read_status().get("state") == "running":
+def _active() -> bool:
+    """The run is training, or its job is (a resumed run still says "stopped" until the trainer starts)."""
+    if RunFolder(run_dir).read_status().get("state") == "running":
+        return True
+    return (job_dir / jobs.JOB_FILE).exists() and jobs.job_state(job_dir)["state"] == "running"
+
+
+if _active():
     @st.fragment(run_every=common.POLL_S)
     def _live() -> None:
-        if _panel() != "running":
+        _panel()
+        if not _active():
             st.rerun(scope="app")
 
     _live()
