@@ -183,15 +183,75 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 # Loading
 
 
-def _refuse_code(path: Path, exc: Exception) -> CheckpointError:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    what = f" (it names {found.group(1)})" if found else ""
+_GLOBAL_RE = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE)
+# Lines of torch's weights_only error that are advice about torch itself, not about the file.
+_TORCH_BOILERPLATE = ("weights only load failed", "please file an issue", "check the documentation", "in pytorch 2.6")
+
+
+def _refuse_code(path: Path, name: str | None) -> CheckpointError:
+    what = f" (it names {name})" if name else ""
     return CheckpointError(
-        f"{path} holds pickled Python objects{what} that only load by executing code from the file; crystallab "
-        "refuses to execute pickled code. If you trust where the file came from, convert it once in a separate "
-        "Python session: ck = torch.load(PATH, weights_only=False), turn every non-tensor value (numpy numbers, "
-        "custom classes) into plain Python values, then torch.save({k: ck[k] for k in ('model', 'model_args', "
-        "'iter_num', 'best_val_loss', 'config')}, NEW_PATH) and load NEW_PATH."
+        f"{path} contains pickled Python objects{what} that would execute code when loaded; crystallab only loads "
+        "weights-only checkpoints (torch.load with weights_only=True), so it refuses this file. If you trust where "
+        "it came from, re-save it as plain data once, in a separate Python session: ck = torch.load(PATH, "
+        "weights_only=False), turn non-tensor values (numpy numbers, custom classes) into plain Python values, then "
+        "torch.save({k: ck[k] for k in ('model', 'model_args', 'iter_num', 'best_val_loss', 'config')}, NEW_PATH) "
+        "and use NEW_PATH."
+    )
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The line of a torch.load error that says what is wrong with the file (no torch advice, no backticks)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.lower().startswith(_TORCH_BOILERPLATE)]
+    reason = (useful or lines or [type(exc).__name__])[0]
+    return reason.replace("`", "'")[:200]
+
+
+def _file_kind(path: Path) -> str:
+    """``empty``, ``zip``, ``truncated_zip`` (a zip start without its central directory), ``pickle`` or ``other``."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK"):  # a zip archive; an empty one starts with its end record
+        return "zip" if zipfile.is_zipfile(path) else "truncated_zip"
+    if head[:1] == b"\x80":  # pickle PROTO opcode: torch.save's legacy (pre-1.6) format
+        return "pickle"
+    return "other"
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """A `CheckpointError` that says what kind of file ``path`` is and why torch.load refused it."""
+    found = _GLOBAL_RE.search(str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and found:  # the file names a class/function to call: code
+        return _refuse_code(path, found.group(1))
+    usage = "pass a .pt file saved by torch.save (CrystaLLM's ckpt.pt or a run's ckpt/last.pt)"
+    kind = _file_kind(path)
+    if kind == "empty":
+        return CheckpointError(f"{path} is empty (0 bytes), not a PyTorch checkpoint; {usage}")
+    if kind == "other":
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle, the formats torch.save "
+            f"writes; {usage}"
+        )
+    if kind == "truncated_zip" or (kind == "pickle" and isinstance(exc, EOFError)):
+        return CheckpointError(
+            f"{path} looks truncated: it starts like a torch.save file but its end is missing "
+            f"({'no zip central directory' if kind == 'truncated_zip' else 'the pickle stream stops early'}); "
+            "re-copy or re-download it, or wait until the program writing it has finished"
+        )
+    if kind == "zip":
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+        if not any(n.endswith("data.pkl") for n in names):
+            return CheckpointError(
+                f"{path} is a zip archive but not a PyTorch checkpoint (it has no data.pkl inside); {usage}"
+            )
+    return CheckpointError(
+        f"{path} is not a PyTorch checkpoint torch can read without running code ({_torch_reason(exc)}); {usage}"
     )
 
 
@@ -207,13 +267,7 @@ def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types (KeyError, RuntimeError, EOFError) for foreign bytes
-        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
-            raise _refuse_code(path, exc) from exc  # the file names a class/function to call: code would run
-        reason = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); pass a .pt file "
-            "saved by torch.save (CrystaLLM's ckpt.pt or a run's ckpt/last.pt), and re-copy it if it may be truncated"
-        ) from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict with model and model_args")
     missing = [k for k in ("model", "model_args") if not isinstance(raw.get(k), dict)]

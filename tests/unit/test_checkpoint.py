@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -168,27 +169,51 @@ class _Marker:
         return (Path.touch, (Path(self.target),))
 
 
+class _SystemCall:
+    """Unpickling this would run a shell command through os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def test_pickled_code_is_refused_without_executing(tmp_path):
     marker = tmp_path / "pwned"
     state = _model().state_dict()
     torch.save({"model": state, "model_args": CFG.to_model_args(), "config": _Marker(str(marker))}, tmp_path / "e.pt")
-    with pytest.raises(CheckpointError, match="refuses to execute pickled code") as err:
+    with pytest.raises(CheckpointError, match="contains pickled Python objects .* would execute code") as err:
         load_checkpoint(tmp_path / "e.pt")
     assert "e.pt" in str(err.value) and "weights_only=False" in str(err.value)
+    assert "truncated" not in str(err.value) and "Weights only load failed" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_blocked_module_call_is_named_as_code_not_as_a_broken_file(tmp_path):
+    """torch words a call into a blocked module (os.system) differently from other globals; both are code."""
+    marker = tmp_path / "pwned"
+    torch.save({"model": _SystemCall(f"touch {marker}")}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(err.value)
+    assert "would execute code" in message and "system" in message
+    assert "truncated" not in message and "`" not in message  # no cut-off torch text (pages render markdown)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize(
     "make, expected",
     [
-        (lambda p: p.write_text("data_NaCl\n_cell_length_a 5.6\n"), "not a readable PyTorch checkpoint"),
-        (lambda p: zipfile.ZipFile(p, "w").close(), "not a readable PyTorch checkpoint"),
-        (lambda p: p.write_bytes(b""), "not a readable PyTorch checkpoint"),
+        (lambda p: p.write_text("data_NaCl\n_cell_length_a 5.6\n"), "is not a PyTorch checkpoint: it is neither"),
+        (lambda p: p.write_bytes(bytes(range(7, 200))), "is not a PyTorch checkpoint: it is neither"),
+        (lambda p: zipfile.ZipFile(p, "w").close(), "zip archive but not a PyTorch checkpoint"),
+        (lambda p: p.write_bytes(b""), "is empty"),
         (lambda p: torch.save({"model": {}}, p), "lacks model_args"),
         (lambda p: torch.save({"model_args": CFG.to_model_args()}, p), "lacks model"),
         (lambda p: torch.save(torch.zeros(3), p), "holds a Tensor"),
     ],
-    ids=["text", "foreign-zip", "empty", "no-model-args", "no-model", "bare-tensor"],
+    ids=["text", "binary", "foreign-zip", "empty", "no-model-args", "no-model", "bare-tensor"],
 )
 def test_files_that_are_not_checkpoints_are_refused_by_name(tmp_path, make, expected):
     path = tmp_path / "thing.pt"
@@ -196,6 +221,15 @@ def test_files_that_are_not_checkpoints_are_refused_by_name(tmp_path, make, expe
     with pytest.raises(CheckpointError, match=expected) as err:
         load_checkpoint(path)
     assert str(path) in str(err.value)
+    assert "truncated" not in str(err.value)  # whole files: no advice to re-copy them
+
+
+def test_a_cut_off_checkpoint_is_called_truncated(tmp_path):
+    whole = _save(tmp_path / "whole.pt", _model())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt looks truncated.*no zip central directory.*re-copy"):
+        load_checkpoint(cut)
 
 
 def test_missing_file_and_folder(tmp_path):
