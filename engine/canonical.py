@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -31,7 +32,7 @@ from pymatgen.io.cif import CifParser, CifWriter
 
 from engine import tokenizer
 from engine.errors import CrystallabError, InputError
-from engine.vocab import ATOM_PROPS, PAULING_X
+from engine.vocab import ATOM_PROPS, PAULING_X, UNK_ID
 
 SYMPREC = 0.1
 """Symmetry tolerance in angstrom for ``CifWriter`` (the value CrystaLLM's data was made with)."""
@@ -42,6 +43,7 @@ _Z = re.compile(r"_cell_formula_units_Z\s+(\S+)")
 _FORMULA_SUM = re.compile(r"_chemical_formula_sum\s+('([^']+)'|(\S+))")
 _NUMBER = re.compile(r"[-+]?\d*\.\d+(?:[eE][-+]?\d+)?")
 _BLANKS = re.compile(r"[ \t]+")
+_DATA_LINE = re.compile(r"^[ \t]*data_", re.MULTILINE)
 _ATOM_PROPS_TAGS = (
     "_atom_type_symbol",
     "_atom_type_electronegativity",
@@ -271,22 +273,48 @@ def _for_each_file(files: list[str], handle: Callable[[str, str], None]) -> int:
     return 2 if failed else 0
 
 
+def _tolerate_closed_stdout(run: Callable[[], int]) -> int:
+    """Run a command that prints to stdout; a reader that stops early (``| head``) ends it quietly."""
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not raise (and print a traceback) again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
 def _cmd_canonicalize(args: argparse.Namespace) -> int:
     def handle(name: str, text: str) -> None:
         sys.stdout.write(model_view(canonicalize(text, symmetrized=args.symmetrized)))
 
-    return _for_each_file(args.files, handle)
+    return _tolerate_closed_stdout(lambda: _for_each_file(args.files, handle))
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     def handle(name: str, text: str) -> None:
+        if not text.strip():
+            raise InputError("the file is empty: give a CIF (crystallab cif canonicalize FILE prints its model view)")
+        if not _DATA_LINE.search(text):
+            raise InputError(
+                "it has no 'data_' line, so it is not a CIF: give a canonical CIF (crystallab cif canonicalize)"
+            )
         ids, dropped = tokenizer.encode_with_report(model_view(text))
         if dropped:
             kinds = "".join(dict.fromkeys(dropped))
             print(f"warning: {name}: dropped {len(dropped)} characters: {kinds!r}", file=sys.stderr)
+        unknown = ids.count(UNK_ID)
+        if unknown:
+            print(
+                f"warning: {name}: {unknown} of {len(ids)} tokens are <unk> (words outside the CrystaLLM "
+                "vocabulary, which a model has never seen); canonicalize the CIF first (crystallab cif canonicalize)",
+                file=sys.stderr,
+            )
         print(json.dumps(ids))
 
-    return _for_each_file(args.files, handle)
+    return _tolerate_closed_stdout(lambda: _for_each_file(args.files, handle))
 
 
 def add_cli(subparsers) -> None:
@@ -301,6 +329,14 @@ def add_cli(subparsers) -> None:
     )
     canon.set_defaults(func=_cmd_canonicalize)
 
-    tok = sub.add_parser("tokenize", help="print one JSON list of token ids per file (of its model view)")
+    tok = sub.add_parser(
+        "tokenize",
+        help="print one JSON list of token ids per file",
+        description=(
+            "Tokenizes each file as written (comments and blank lines dropped, as in the model view); it does not "
+            "canonicalize. Run 'crystallab cif canonicalize' first on raw CIFs: words outside the vocabulary "
+            "become <unk> tokens, which are counted in a warning."
+        ),
+    )
     tok.add_argument("files", nargs="+", metavar="FILE", help="canonical CIF files ('-' reads stdin)")
     tok.set_defaults(func=_cmd_tokenize)

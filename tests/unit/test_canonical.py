@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
@@ -202,3 +204,34 @@ def test_cli_tokenize_prints_ids_and_dropped_characters(cif_cli, tmp_path, capsy
     assert f"warning: {path}: dropped 2 characters" in err
     assert f"error: {missing}: cannot read" in err
     assert vocab.UNK_ID not in json.loads(out)
+
+
+def test_cli_tokenize_refuses_empty_and_non_cif_files(cif_cli, tmp_path, capsys):
+    empty, pdb = tmp_path / "empty.cif", tmp_path / "pdb.cif"
+    empty.write_text("\n")
+    pdb.write_text("HEADER    NACL\nATOM      1 NA   NAC A   1       0.000   0.000   0.000  1.00  0.00          NA\nEND\n")
+    code = cif_cli(["cif", "tokenize", str(empty), str(pdb)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert f"error: {empty}: the file is empty" in err
+    assert f"error: {pdb}: it has no 'data_' line, so it is not a CIF" in err
+
+
+def test_cli_tokenize_warns_about_unknown_tokens(cif_cli, tmp_path, capsys):
+    path = tmp_path / "odd.cif"
+    path.write_text("data_NaCl\n_frobnicate_tag 3\n_another_unknown_tag 4\n")
+    assert cif_cli(["cif", "tokenize", str(path)]) == 0
+    out, err = capsys.readouterr()
+    unknown = json.loads(out).count(vocab.UNK_ID)
+    assert unknown >= 2
+    assert f"warning: {path}: {unknown} of {len(json.loads(out))} tokens are <unk>" in err
+
+
+def test_cli_tokenize_into_a_closed_pipe_prints_no_traceback(tmp_path, golden_canonical):
+    path = tmp_path / "x.cif"
+    path.write_text(golden_canonical[0]["canonical_cif"])
+    # Enough output that the reader is gone before it is all written; `head` stops after 100 bytes.
+    command = f"{sys.executable} -m engine cif tokenize {' '.join([str(path)] * 300)} | head -c 100 >/dev/null"
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 0
