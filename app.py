@@ -12,8 +12,11 @@ from pages.common import sidebar
 # networks block (the e2e test fails on any non-local request).
 st.set_page_config(page_title="crystallab", layout="wide")
 
+# Home is served at "/": the default page's own url_path is ignored by Streamlit, so a Data page that was the
+# default answered its advertised /data address with "Page not found".
 PAGES = [
-    st.Page("pages/data.py", title="Data", url_path="data", default=True),
+    st.Page("pages/home.py", title="Home", url_path="home", default=True),
+    st.Page("pages/data.py", title="Data", url_path="data"),
     st.Page("pages/train.py", title="Train", url_path="train"),
     st.Page("pages/sample.py", title="Sample", url_path="sample"),
     st.Page("pages/compare.py", title="Compare", url_path="compare"),

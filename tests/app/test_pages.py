@@ -18,7 +18,7 @@ PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on 
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
     at.run()
-    if page != "pages/data.py":
+    if page != "pages/home.py":
         at.switch_page(page)
         at.run()
     assert not at.exception, [e.value for e in at.exception]
@@ -38,6 +38,15 @@ def wait_for_job(job_dir: Path, timeout_s: float = 240) -> dict:
         time.sleep(0.5)
     jobs.request_stop(job_dir, grace_s=0)
     raise AssertionError(f"job {job_dir} still running after {timeout_s} s; log:\n{jobs.tail_log(job_dir)}")
+
+
+def test_home_page_counts_what_the_lab_holds_and_links_every_page(lab):
+    at = open_page("pages/home.py")
+    assert at.title[0].value == "crystallab"
+    m = metrics(at)
+    assert m["Datasets"] == "1" and m["Training runs"] == "1" and m["Sweeps"] == "1" and m["CSP runs"] == "1"
+    links = [p.proto.page for p in at.get("page_link")]  # the url paths the links lead to
+    assert links == ["data", "train", "sample", "compare", "csp", "structure"]
 
 
 def test_data_page_shows_dataset_statistics(lab):
@@ -89,8 +98,8 @@ def test_compare_page_tables_of_the_sweep(lab):
 def test_structure_page_analyses_a_sample(lab):
     at = open_page("pages/structure.py")
     at.selectbox(key="structure_set").set_value(lab / "samples" / "nacl").run()
-    m = metrics(at)
-    assert m["a (Å)"] == "5.6400" and m["Sites"] == "8"
+    lattice = at.table[0].value
+    assert lattice.loc["a (Å)", "this cell"] == "5.6400" and lattice.loc["sites", "this cell"] == "8"
     assert any("Fm-3m (No. 225)" in md.value for md in at.markdown)
     at.select_slider(key="structure_symprec").set_value(0.001).run()
     assert not at.exception

@@ -155,10 +155,11 @@ def test_sample_view_and_sweep_offline(server):
         try:
             _sample_and_view(page, url, runs)
             text = _sweep(page, url, runs)
-            for name, title in (("data", "Data"), ("train", "Train"), ("structure", "Structure"),
-                                ("csp", "Structure prediction")):
-                _open(page, f"{url}/{name}", title)
+            for name, title in (("home", "crystallab"), ("data", "Data"), ("train", "Train"),
+                                ("structure", "Structure"), ("csp", "Structure prediction")):
+                _open(page, f"{url}/{name}", title)  # every page's own address opens it ...
                 page.wait_for_timeout(1000)
+                assert page.get_by_text("Page not found").count() == 0, name  # ... with no "not found" dialog
                 page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
         except BaseException:
             page.screenshot(path=SHOTS / "failure.png", full_page=True)  # what the user saw when it failed
