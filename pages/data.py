@@ -1,5 +1,6 @@
 """Data page: build a token dataset (uploads, a server path, a CrystaLLM token archive or the built-in corpus),
-then inspect it: rejects with reasons, tokens per CIF, element and space-group frequencies."""
+watch the build's progress, then inspect it: rejects with reasons, tokens per CIF, element and space-group
+frequencies."""
 
 from __future__ import annotations
 
@@ -14,8 +15,28 @@ from engine.errors import InputError
 from engine.fsutil import atomic_write_bytes, read_json, read_jsonl
 from pages import common
 
+TOP_N = 40
+"""Bars in the element and space-group frequency charts."""
+
+
+def _most_frequent(counts: dict[str, int], n: int = TOP_N) -> pd.DataFrame:
+    """The ``n`` largest counts, largest first (ties alphabetical): stats.json stores its keys sorted by name."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return pd.DataFrame(top, columns=["name", "CIFs"])
+
+
+def _build_sources(state: dict) -> str:
+    """What a data job reads, as shown beside its progress: file names, or the corpus it generates."""
+    argv = state.get("argv") or []
+    if argv[1:2] == ["corpus"] and "--n" in argv:
+        return f"the built-in corpus ({argv[argv.index('--n') + 1]} structures)"
+    files = argv[2:argv.index("--out")] if "--out" in argv else argv[2:]
+    return ", ".join(Path(f).name for f in files)
+
+
 st.title("Data")
 s = common.settings()
+upload_round = st.session_state.setdefault("data_upload_round", 0)
 
 # --- build ---------------------------------------------------------------------------------------------------
 with st.expander("Build a dataset", expanded=not common.datasets()):
@@ -31,8 +52,9 @@ with st.expander("Build a dataset", expanded=not common.datasets()):
             n = c1.number_input("Structures", 20, 200_000, 5000, step=100, key="data_corpus_n")
             seed = c2.number_input("Corpus seed", 0, 10**6, 0, key="data_corpus_seed")
         elif kind == "Upload CIFs / zip / CSV":
+            # The key changes after each launched build, which empties the list (see below).
             uploads = st.file_uploader("Files", type=["cif", "zip", "csv", "gz", "tgz", "tar"],
-                                       accept_multiple_files=True, key="data_uploads")
+                                       accept_multiple_files=True, key=f"data_uploads_{upload_round}")
         else:
             server_path = st.text_input(
                 "Path on the server", key="data_path",
@@ -73,16 +95,49 @@ with st.expander("Build a dataset", expanded=not common.datasets()):
                 argv = ["data", sub, str(src), "--out", str(out)]
             argv += argv_extra
             common.launch(argv, "data", name, target=out)
+        if kind == "Upload CIFs / zip / CSV":
+            # Files uploaded for this build must not join the next one unnoticed: a new key gives an empty list.
+            st.session_state["data_upload_round"] = upload_round + 1
+            st.rerun()
 
+# --- the build in progress -----------------------------------------------------------------------------------
 job = common.current_job("data")
+building = False
 if job is not None:
-    common.live_job(job, key="data_job", stoppable=False)
+    state = jobs.job_state(job)
+    if state.get("target"):
+        st.session_state["data_view"] = state["target"]  # shown below once it is built
+    building = state["state"] == "running"
+    if building:
+        @st.fragment(run_every=common.POLL_S)
+        def _watch() -> None:
+            now = jobs.job_state(job)
+            if now["state"] != "running":
+                st.rerun(scope="app")  # the new dataset appears below
+            done = jobs.progress(job)
+            what = _build_sources(now)
+            if done and done[1]:
+                unit = "" if (now.get("argv") or [""])[:2] == ["data", "import-tokens"] else " CIFs canonicalized"
+                st.progress(done[0] / done[1], text=f"Building {job.name}: {done[0]:,}/{done[1]:,}{unit} ({what})")
+            else:
+                st.progress(0.0, text=f"Building {job.name}: reading {what}...")
+            common.job_panel(job, key="data_job", stoppable=False)
+
+        _watch()
+    else:
+        common.job_panel(job, key="data_job", stoppable=False)
 
 # --- inspect -------------------------------------------------------------------------------------------------
 found = common.datasets()
 if not found:
-    st.info("No dataset yet. Build one above (the built-in corpus needs no files).")
+    if building:
+        st.info(f"Dataset {job.name!r} is being built; it appears here when the build finishes.")
+    else:
+        st.info("No dataset yet. Build one above (the built-in corpus needs no files).")
     st.stop()
+want = [p for p in found if str(p) == st.session_state.get("data_view")]
+if want:
+    common.follow("data_pick", common.rel(want[0]))  # the dataset just built, once; the user may pick another
 ds = common.pick_path("Dataset", found, key="data_pick")
 stats = read_json(ds / "stats.json", {}) or {}
 prov = read_json(ds / "dataset.json", {}) or {}
@@ -107,17 +162,21 @@ if per:
     left.plotly_chart(fig, key="data_hist")
 els = stats.get("element_counts") or {}
 if els:
-    df = pd.DataFrame({"element": list(els), "CIFs": list(els.values())}).head(40)
-    right.plotly_chart(px.bar(df, x="element", y="CIFs", title="Element frequency (top 40)", height=320),
+    df = _most_frequent(els).rename(columns={"name": "element"})
+    right.plotly_chart(px.bar(df, x="element", y="CIFs", title=f"Element frequency (top {TOP_N})", height=320),
                        key="data_elements")
 sgs = stats.get("spacegroup_counts") or {}
 if sgs:
-    df = pd.DataFrame({"space group": list(sgs), "CIFs": list(sgs.values())}).head(40)
-    st.plotly_chart(px.bar(df, x="space group", y="CIFs", title="Space-group frequency (top 40)", height=320),
-                    key="data_sgs")
+    df = _most_frequent(sgs).rename(columns={"name": "space group"})
+    st.plotly_chart(px.bar(df, x="space group", y="CIFs", title=f"Space-group frequency (top {TOP_N})",
+                           height=320), key="data_sgs")
 
 rejects = pd.DataFrame(list(read_jsonl(ds / "rejects.jsonl")), columns=["source", "name", "reason"])
 st.subheader(f"Rejects ({len(rejects)})")
+if stats.get("skipped"):
+    names = ", ".join(f["name"] for f in stats.get("skipped_files", [])[:10])
+    st.caption(f"Skipped {stats['skipped']:,} file(s) that are not .cif: {names}"
+               + (", ..." if stats["skipped"] > 10 else ""))
 if rejects.empty:
     st.caption("Every input was usable.")
 else:

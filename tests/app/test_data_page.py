@@ -1,0 +1,109 @@
+"""AppTest of the Data page: frequency charts show the most frequent elements and space groups, and a build
+launched from the page shows its progress, empties the uploader and is selected once it is done."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+from streamlit.testing.v1 import AppTest
+
+from engine import jobs
+from engine.fsutil import atomic_write_json
+from engine.settings import get_settings
+from engine.vocab import ELEMENTS
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine
+
+
+def open_data_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
+    at.run()  # the Data page is the default page
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def chart_x(at: AppTest, key: str) -> list[str]:
+    """The bar labels of the plotly chart with widget key ``key``, left to right."""
+    (chart,) = [c for c in at.get("plotly_chart") if c.key == key]
+    return json.loads(chart.proto.spec)["data"][0]["x"]
+
+
+def wait_for_job(job_dir: Path, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = jobs.job_state(job_dir)
+        if state["state"] != "running":
+            return state
+        time.sleep(0.5)
+    jobs.request_stop(job_dir, grace_s=0)
+    raise AssertionError(f"job {job_dir} still running after {timeout_s} s; log:\n{jobs.tail_log(job_dir)}")
+
+
+def rock_salt_cif(cation: str, anion: str, a: float) -> bytes:
+    """A rock-salt CIF (cubic cell length ``a`` in Å) as uploaded bytes."""
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), [cation, anion], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    return str(CifWriter(s)).encode()
+
+
+def test_frequency_charts_show_the_most_frequent_not_the_alphabetically_first():
+    folder = get_settings().datasets_dir / "many"
+    folder.mkdir(parents=True)
+    (folder / "train.bin").write_bytes(b"\x00\x00")
+    # 60 elements seen once, plus Zr and O (late in the alphabet) seen most often; written with sorted keys as
+    # every build writes stats.json.
+    elements = {el: 1 for el in sorted(ELEMENTS)[:60]}
+    elements.update({"Zr": 50, "O": 30})
+    groups = {f"P{k}": 1 for k in range(50)} | {"R-3m": 9}
+    atomic_write_json(folder / "stats.json", {"train_cifs": 62, "element_counts": elements,
+                                              "spacegroup_counts": groups})
+    at = open_data_page()
+    x = chart_x(at, "data_elements")
+    assert len(x) == 40 and x[:2] == ["Zr", "O"]
+    assert chart_x(at, "data_sgs")[0] == "R-3m"
+
+
+def test_build_from_uploads_shows_progress_empties_the_uploader_and_selects_the_new_dataset(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the build job inherits it: faster on a shared 2-core machine
+    jobs_dir = get_settings().runs_dir / "jobs" / "data"
+    at = open_data_page()
+    assert any("No dataset yet" in i.value for i in at.info)
+    at.radio(key="data_kind").set_value("Upload CIFs / zip / CSV").run()
+
+    at.text_input(key="data_name").input("first")
+    at.file_uploader[0].set_value([("NaCl.cif", rock_salt_cif("Na", "Cl", 5.64), "text/plain"),
+                                   ("KCl.cif", rock_salt_cif("K", "Cl", 6.29), "text/plain"),
+                                   ("MgO.cif", rock_salt_cif("Mg", "O", 4.21), "text/plain")])
+    at.button(key="data_build_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.file_uploader[0].value  # these files cannot slip into the next build
+    if jobs.job_state(jobs_dir / "first")["state"] == "running":  # it cannot end this fast, but never flake
+        infos = [i.value for i in at.info]
+        assert not any("No dataset yet" in v for v in infos)
+        assert any("'first' is being built" in v for v in infos)
+        (bar,) = at.get("progress")
+        assert "Building first" in bar.proto.text and "NaCl.cif, KCl.cif, MgO.cif" in bar.proto.text
+    assert wait_for_job(jobs_dir / "first")["state"] == "finished"
+    at.run()
+    assert at.selectbox(key="data_pick").value == "data/first"
+
+    at.text_input(key="data_name").input("second")
+    at.file_uploader[0].set_value([("CsCl.cif", rock_salt_cif("Cs", "Cl", 6.9), "text/plain"),
+                                   ("LiF.cif", rock_salt_cif("Li", "F", 4.03), "text/plain")])
+    at.button(key="data_build_go").click().run()
+    assert [Path(a).name for a in jobs.job_state(jobs_dir / "second")["argv"][2:4]] == ["CsCl.cif", "LiF.cif"]
+    assert wait_for_job(jobs_dir / "second")["state"] == "finished"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="data_pick").value == "data/second"  # the dataset just built, not the one shown before
+    assert metrics(at)["Train CIFs"] == "1"
+    at.selectbox(key="data_pick").set_value("data/first").run()  # followed once: the user may go back
+    assert at.selectbox(key="data_pick").value == "data/first" and metrics(at)["Train CIFs"] == "2"
