@@ -12,8 +12,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import dashboard, jobs, report
+from engine.config import read_yaml_mapping
 from engine.errors import InputError
 from engine.fsutil import read_json
+from engine.runs import read_status
 from engine.sweeps import config_from_dict, dump_sweep_config
 from pages import common
 
@@ -23,6 +25,12 @@ s = common.settings()
 
 def _ckpt_label(p: Path) -> str:
     return f"{p.parent.parent.name}-{p.stem}"  # runs/train/<run>/ckpt/<best|last>.pt
+
+
+def _training(ckpts: list[Path]) -> set[Path]:
+    """Checkpoints of runs still training: their files are rewritten while the run goes on."""
+    states = {run: read_status(run).get("state") for run in {p.parent.parent for p in ckpts}}
+    return {p for p in ckpts if states[p.parent.parent] in ("running", "pending")}
 
 
 def _parse_prompts(text: str) -> list:
@@ -66,11 +74,15 @@ with st.expander("Run a sweep", expanded=not common.sweeps()):
     if not ckpts:
         st.info("No checkpoint yet: train one on the Train page first.")
     else:
+        training = _training(ckpts)
+        # The newest finished run's best checkpoint: one still training would change under the sweep.
+        default = [p for p in ckpts if p not in training][:1]
         with st.form("sweep_form"):
             c1, c2 = st.columns([1, 2])
             name = c1.text_input("Sweep name", value="sweep", key="sweep_name")
-            chosen = c2.multiselect("Checkpoints", ckpts, default=ckpts[:1], format_func=common.rel,
-                                    key="sweep_ckpts")
+            chosen = c2.multiselect("Checkpoints", ckpts, default=default, key="sweep_ckpts",
+                                    format_func=lambda p: common.rel(p) + (" (still training)" if p in training
+                                                                           else ""))
             c1, c2 = st.columns([1, 2])
             prompt_text = c1.text_area("Prompts (one per line)", "Na2Cl2\nMg1O1", height=110, key="sweep_prompts",
                                        help="A cell composition (Na2Cl2), or formula unit, Z and space group "
@@ -135,13 +147,20 @@ if mode == "A sweep":
     if (sweep / "samples.csv").exists():
         samples = pd.read_csv(sweep / "samples.csv")
     title = f"Sweep {sweep.name}"
-    ckpt_paths = (read_json(sweep / "status.json", {}) or {}).get("checkpoints") or {}
+    ckpt_paths = {}  # label -> path as the user wrote it; without it the report names the absolute paths
+    with common.user_errors(stop=False):
+        ckpt_paths = read_yaml_mapping(sweep / "sweep.yaml", "sweep config", "run the sweep again to rewrite it"
+                                       ).get("checkpoints") or {}
+    environment = read_json(sweep / "env.json")
 else:
     sets = [p for p in dashboard.find_sample_sets(s.runs_dir, depth=5) if (p / "eval_summary.json").exists()]
     if not sets:
         st.info("No evaluated sample set yet: generate some on the Sample page.")
         st.stop()
-    chosen_sets = st.multiselect("Sample sets", sets, default=sets[: min(4, len(sets))], format_func=common.rel,
+    # The user's own sets (Sample page, runs/samples/) come first; sweep cells and others after them.
+    own = [p for p in sets if p.is_relative_to(s.samples_dir)]
+    sets = own + [p for p in sets if p not in own]
+    chosen_sets = st.multiselect("Sample sets", sets, default=(own or sets)[:4], format_func=common.rel,
                                  key="compare_sets")
     if not chosen_sets:
         st.stop()
@@ -151,21 +170,21 @@ else:
                                                           prompt=r.prompt)
                          for d, r in zip(chosen_sets, rows.itertuples())], ignore_index=True)
     title = "Sample-set comparison"
-    ckpt_paths = {}
+    ckpt_paths, environment = {}, None
 
 # --- tables --------------------------------------------------------------------------------------------------
 st.subheader("Per checkpoint and prompt")
 # A plain HTML table: a handful of rows, readable and copyable as text (st.dataframe draws on a canvas).
 st.table(report.per_checkpoint_table(rows).set_index("checkpoint"))
+st.caption("Counts read k/n (rate) [95 % Wilson interval]; the markdown report below defines every column.")
 if rows["prompt"].nunique() > 1:
     st.subheader("Per prompt (valid)")
     st.dataframe(report.per_prompt_table(rows, "valid"), hide_index=True, key="compare_prompt_table")
 macro = report.macro_table(rows)
 st.subheader("Macro-average over prompts")
-st.dataframe(macro, hide_index=True, key="compare_macro", column_config={
-    c: st.column_config.NumberColumn(c, format="percent") for c in
-    ("parsed_rate", "valid_rate", "unique_rate", "unique_valid_rate")})
-md = report.summary_markdown(rows, title=title, checkpoints=ckpt_paths)
+st.dataframe(report.macro_display(rows), hide_index=True, key="compare_macro")
+md = report.summary_markdown(rows, title=title, checkpoints=ckpt_paths,
+                             environment=environment if isinstance(environment, dict) else None)
 e1, e2 = st.columns(2)
 e1.download_button("Table (CSV)", rows.to_csv(index=False), "comparison.csv", mime="text/csv",
                    key="compare_csv", icon=":material/download:")
@@ -173,18 +192,28 @@ e2.download_button("Report (markdown)", md, "comparison.md", mime="text/markdown
                    icon=":material/download:")
 
 # --- plots ---------------------------------------------------------------------------------------------------
-left, right = st.columns(2)
-fig = px.line(macro.sort_values("temperature"), x="distinct_spacegroups", y="valid_rate", color="checkpoint",
-              text="temperature", markers=True, title="Validity against diversity (labels: temperature)")
-fig.update_traces(textposition="top center")
-fig.update_layout(xaxis_title="distinct space groups (mean over prompts)", yaxis_title="valid rate", height=360)
-left.plotly_chart(fig, key="compare_tradeoff")
-fig = px.bar(rows, x="prompt", y="valid_rate", color="checkpoint", barmode="group", title="Valid rate per prompt",
-             hover_data=["temperature", "top_k", "n"])
-fig.update_layout(height=360, yaxis_tickformat=".0%")
-right.plotly_chart(fig, key="compare_valid_bars")
+n_total, n_parsed = int(rows["n"].sum()), int(rows["n_parsed"].fillna(0).sum())
+if n_parsed == 0:
+    # All-zero data gives plotly nothing to scale to (axes of -100 %..100 %): say what happened instead.
+    st.info(f"None of the {n_total} samples parsed into a structure, so there is nothing to plot. The failure "
+            "reasons are on the Sample page: 'truncated' means raise max new tokens; malformed texts mean the model "
+            "needs more training.", icon=":material/info:")
+else:
+    if int(rows["n_valid"].fillna(0).sum()) == 0:
+        st.caption(f"{n_parsed} of {n_total} samples parsed, none is valid: the valid rates below are all 0.")
+    left, right = st.columns(2)
+    fig = px.line(macro.sort_values("temperature"), x="distinct_spacegroups", y="valid_rate", color="checkpoint",
+                  text="temperature", markers=True, title="Validity against diversity (labels: temperature)")
+    fig.update_traces(textposition="top center")
+    fig.update_layout(xaxis_title="distinct space groups (mean over prompts)", yaxis_title="valid rate", height=360,
+                      xaxis_rangemode="tozero", yaxis_range=[0, 1.05], yaxis_tickformat=".0%")
+    left.plotly_chart(fig, key="compare_tradeoff")
+    fig = px.bar(rows, x="prompt", y="valid_rate", color="checkpoint", barmode="group",
+                 title="Valid rate per prompt", hover_data=["temperature", "top_k", "n"])
+    fig.update_layout(height=360, yaxis_tickformat=".0%", yaxis_range=[0, 1.05])
+    right.plotly_chart(fig, key="compare_valid_bars")
 
-if samples is not None and not samples.empty and "spacegroup" in samples.columns:
+if n_parsed and samples is not None and not samples.empty and "spacegroup" in samples.columns:
     left, right = st.columns(2)
     sg = samples.dropna(subset=["spacegroup"]).groupby(["checkpoint", "spacegroup"]).size().rename("samples")
     left.plotly_chart(px.bar(sg.reset_index(), x="spacegroup", y="samples", color="checkpoint", barmode="group",
