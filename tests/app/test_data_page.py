@@ -22,7 +22,9 @@ PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on 
 
 def open_data_page() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
-    at.run()  # the Data page is the default page
+    at.run()
+    at.switch_page("pages/data.py")
+    at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
