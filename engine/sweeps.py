@@ -716,8 +716,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise ConfigError("give a sweep config file (see configs/sweep_*.yaml) or --keys")
     config = load_sweep_config(args.config, args.set or [])
     if args.check:
+        out = resolve_out_dir(args.out, config.name)  # refuses an unusable --out before printing anything
         print(dump_sweep_config(config), end="")
-        print(f"# {len(plan_cells(config))} cells -> {resolve_out_dir(args.out, config.name)}")
+        print(f"# {len(plan_cells(config))} cells -> {out}")
         return 0
     out = run_sweep(config, args.out, progress=_print_progress)
     status = read_json(out / "status.json", default={}) or {}
