@@ -12,9 +12,10 @@ from __future__ import annotations
 import warnings
 
 import pandas as pd
+import spglib
 from pymatgen.analysis.diffraction.xrd import XRDCalculator
 from pymatgen.analysis.local_env import CrystalNN
-from pymatgen.core import Element, Structure
+from pymatgen.core import Element, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from engine import checks
@@ -45,35 +46,98 @@ def _guard_size(structure: Structure) -> None:
         )
 
 
+_WYCKOFF_LETTERS = "abcdefghijklmnopqrstuvwxyzA"
+"""spglib's Wyckoff letters in International Tables order; ``A`` stands for the 27th letter, alpha."""
+
+
 def symmetry(structure: Structure, symprec: float = 0.1, angle_tolerance: float = 5.0) -> dict:
-    """Space group and related symmetry found by spglib at the given tolerances.
+    """Space group, Wyckoff positions and symmetry operations found by spglib at the given tolerances.
+
+    Wyckoff positions and the operation count follow the International Tables: they refer to the conventional
+    standard cell, whatever cell the structure is given in (a primitive spinel cell still reads Mn 8a, Lu 16d,
+    S 32e, and Fd-3m has 192 operations).
 
     Args:
         symprec: distance tolerance in Å for two positions to count as the same (0.1 is CrystaLLM's choice).
         angle_tolerance: angle tolerance in degrees.
 
     Returns:
-        ``{"symbol", "number", "crystal_system", "point_group", "n_operations", "wyckoff", "error"}``;
-        when spglib cannot decide, ``error`` holds its reason and the other values are None.
+        ``{"symbol", "number", "crystal_system", "point_group", "n_operations", "n_operations_cell", "wyckoff",
+        "site_wyckoff", "error"}``. ``n_operations``: operations of the conventional cell (point-group operations
+        times centring translations); ``n_operations_cell``: operations spglib finds in the cell as given
+        (fewer in a primitive cell, more in a supercell). ``wyckoff``: one dict per orbit of symmetry-equivalent
+        sites, in International Tables letter order: ``element``, ``wyckoff`` (conventional multiplicity and
+        letter, e.g. ``"8a"``), ``site_symmetry``, ``sites`` (how many of the given cell's sites it holds).
+        ``site_wyckoff``: the Wyckoff label of every site of the given cell, in site order. When spglib cannot
+        decide, ``error`` holds its reason and the other values are None.
     """
     _guard_size(structure)
     try:
         sga = SpacegroupAnalyzer(structure, symprec=symprec, angle_tolerance=angle_tolerance)
         data = sga.get_symmetry_dataset()
-        wyckoff = sorted(set(sga.get_symmetrized_structure().wyckoff_symbols))
+        # Sites per conventional cell / sites per given cell: 4 for a primitive cell of an F lattice, 1/8 for a
+        # 2x2x2 supercell of a conventional cell; multiplicities and operation counts scale by it.
+        to_conventional = len(data.std_types) / len(structure)
+        n_primitive = len(set(data.mapping_to_primitive))
+        point_group_order = len({r.tobytes() for r in data.rotations})
+        orbits: dict[int, list[int]] = {}
+        for i, rep in enumerate(data.equivalent_atoms):
+            orbits.setdefault(int(rep), []).append(i)
+        labels, wyckoff = {}, []
+        for rep, members in orbits.items():
+            letter = data.wyckoffs[rep]
+            label = f"{round(len(members) * to_conventional)}{'α' if letter == 'A' else letter}"
+            labels[rep] = label
+            wyckoff.append({"element": structure[rep].species_string, "wyckoff": label,
+                            "site_symmetry": data.site_symmetry_symbols[rep], "sites": len(members),
+                            "_order": (_WYCKOFF_LETTERS.index(letter), structure[rep].species_string)})
+        wyckoff.sort(key=lambda w: w.pop("_order"))
         return {
             "symbol": sga.get_space_group_symbol(),
             "number": sga.get_space_group_number(),
             "crystal_system": sga.get_crystal_system(),
             "point_group": sga.get_point_group_symbol(),
-            "n_operations": len(data.rotations),
+            "n_operations": point_group_order * round(len(data.std_types) / n_primitive),
+            "n_operations_cell": len(data.rotations),
             "wyckoff": wyckoff,
+            "site_wyckoff": [labels[int(rep)] for rep in data.equivalent_atoms],
             "error": None,
         }
     except (ValueError, TypeError, AttributeError) as exc:  # includes pymatgen's SymmetryUndeterminedError
         return {"symbol": None, "number": None, "crystal_system": None, "point_group": None,
-                "n_operations": None, "wyckoff": None, "error": f"symmetry undetermined at symprec "
-                f"{symprec} Å: {exc}"}
+                "n_operations": None, "n_operations_cell": None, "wyckoff": None, "site_wyckoff": None,
+                "error": f"symmetry undetermined at symprec {symprec} Å: {exc}"}
+
+
+def conventional_cell(structure: Structure, symprec: float = 0.1, angle_tolerance: float = 5.0) -> Structure | None:
+    """The same crystal in its conventional standard cell (International Tables setting, spglib's choice).
+
+    Positions and cell lengths are the given ones, only re-expressed in the new cell: nothing is symmetrised,
+    so a slightly distorted sample keeps its distortion (and its split XRD peaks).
+
+    Args:
+        symprec: distance tolerance in Å used to find the space group.
+        angle_tolerance: angle tolerance in degrees.
+
+    Returns:
+        The conventional cell, or None when spglib finds no space group at these tolerances.
+    """
+    _guard_size(structure)
+    kinds: dict[str, int] = {}
+    numbers = [kinds.setdefault(site.species_string, len(kinds) + 1) for site in structure]
+    species = {number: structure[numbers.index(number)].species for number in kinds.values()}
+    cell = (structure.lattice.matrix, structure.frac_coords, numbers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # spglib's notice about its error-handling switch
+        try:
+            std = spglib.standardize_cell(cell, to_primitive=False, no_idealize=True, symprec=symprec,
+                                          angle_tolerance=angle_tolerance)
+        except spglib.SpglibError:
+            return None
+    if std is None:
+        return None
+    lattice, positions, std_numbers = std
+    return Structure(Lattice(lattice), [species[int(n)] for n in std_numbers], positions)
 
 
 def lattice_info(structure: Structure) -> dict:
@@ -164,12 +228,18 @@ def bond_summary(bonds: pd.DataFrame) -> pd.DataFrame:
 
 
 def xrd_pattern(structure: Structure, wavelength: str | float = "CuKa",
-                two_theta_range: tuple[float, float] = (5.0, 90.0)) -> pd.DataFrame:
-    """Simulated powder X-ray diffraction peaks (pymatgen ``XRDCalculator``).
+                two_theta_range: tuple[float, float] = (5.0, 90.0), symprec: float | None = 0.1) -> pd.DataFrame:
+    """Simulated powder X-ray diffraction peaks (pymatgen ``XRDCalculator``), indexed on the conventional cell.
+
+    Peak positions and intensities do not depend on the cell the crystal is written in; the Miller indices do.
+    They are given on the conventional standard cell (``conventional_cell``), as diffraction tables give them:
+    the strongest peak of a spinel is (3 1 1), not the primitive cell's (2 2 1).
 
     Args:
         wavelength: an anode name (``"CuKa"``, ``"MoKa"``, ...) or a wavelength in Å.
         two_theta_range: scattering angles in degrees.
+        symprec: distance tolerance in Å for finding the conventional cell; None, or no space group found at
+            this tolerance, indexes on the cell as given.
 
     Returns:
         One row per peak: ``two_theta`` (degrees), ``intensity`` (scaled so the largest is 100),
@@ -178,8 +248,10 @@ def xrd_pattern(structure: Structure, wavelength: str | float = "CuKa",
     _guard_size(structure)
     if not two_theta_range[0] < two_theta_range[1]:
         raise InputError(f"two-theta range {two_theta_range} is empty; give (min, max) with min < max")
+    conventional = conventional_cell(structure, symprec=symprec) if symprec is not None else None
     try:
-        pattern = XRDCalculator(wavelength=wavelength).get_pattern(structure, two_theta_range=two_theta_range)
+        pattern = XRDCalculator(wavelength=wavelength).get_pattern(conventional or structure,
+                                                                   two_theta_range=two_theta_range)
     except (ValueError, KeyError) as exc:
         raise InputError(f"cannot simulate XRD with wavelength {wavelength!r}: {exc}") from exc
     hkls = [", ".join("(" + " ".join(str(i) for i in fam["hkl"]) + ")" for fam in peak) for peak in pattern.hkls]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -23,8 +24,23 @@ def _bonds(cif: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _xrd(cif: str, wavelength: str):
-    return analysis.xrd_pattern(analysis.load_structure(cif), wavelength=wavelength)
+def _xrd(cif: str, wavelength: str, symprec: float):
+    return analysis.xrd_pattern(analysis.load_structure(cif), wavelength=wavelength, symprec=symprec)
+
+
+RADIATION = {"CuKa": "Cu Kα", "MoKa": "Mo Kα", "CoKa": "Co Kα", "FeKa": "Fe Kα", "AgKa": "Ag Kα"}
+
+
+def _lattice_table(cells: dict) -> pd.DataFrame:
+    """Lattice parameters as text, one column per cell: a table shows full values in a narrow column."""
+    rows = {"a (Å)": "{:.4f}", "b (Å)": "{:.4f}", "c (Å)": "{:.4f}", "α (°)": "{:.2f}", "β (°)": "{:.2f}",
+            "γ (°)": "{:.2f}", "volume (Å³)": "{:.2f}", "sites": "{:d}"}
+    columns = {}
+    for name, cell in cells.items():
+        lat = cell.lattice
+        values = [lat.a, lat.b, lat.c, lat.alpha, lat.beta, lat.gamma, lat.volume, len(cell)]
+        columns[name] = [fmt.format(v) for fmt, v in zip(rows.values(), values)]
+    return pd.DataFrame(columns, index=list(rows))
 
 
 # --- which structure -----------------------------------------------------------------------------------------
@@ -71,39 +87,43 @@ else:
 with common.user_errors():
     structure = analysis.load_structure(cif, label=label)
 
-# --- view and cell -------------------------------------------------------------------------------------------
+# --- view, symmetry and cell --------------------------------------------------------------------------------
 info = analysis.lattice_info(structure)
 st.subheader(f"{info['reduced_formula']} ({info['formula']}) · {label}")
 left, right = st.columns([3, 2])
 with left:
     common.structure_view(structure, key="structure_view3d", height=460)
 with right:
-    c = st.columns(3)
-    c[0].metric("a (Å)", f"{info['a']:.4f}")
-    c[1].metric("b (Å)", f"{info['b']:.4f}")
-    c[2].metric("c (Å)", f"{info['c']:.4f}")
-    c = st.columns(3)
-    c[0].metric("α (°)", f"{info['alpha']:.2f}")
-    c[1].metric("β (°)", f"{info['beta']:.2f}")
-    c[2].metric("γ (°)", f"{info['gamma']:.2f}")
-    c = st.columns(3)
-    c[0].metric("Volume (Å³)", f"{info['volume']:.2f}")
-    c[1].metric("Density (g/cm³)", f"{info['density']:.3f}")
-    c[2].metric("Sites", info["n_sites"])
     symprec = st.select_slider("Symmetry tolerance (Å)", [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5], value=0.1,
                                key="structure_symprec", help="spglib symprec; CrystaLLM's checks use 0.1 Å")
+    sym, conventional = None, None
     with common.user_errors(stop=False):
         sym = analysis.symmetry(structure, symprec=symprec)
-        if sym["error"]:
-            st.warning(sym["error"])
-        else:
-            st.markdown(f"**Space group** {sym['symbol']} (No. {sym['number']}), {sym['crystal_system']}, "
-                        f"point group {sym['point_group']}, {sym['n_operations']} operations; Wyckoff "
-                        f"{', '.join(sym['wyckoff'])}")
+        conventional = analysis.conventional_cell(structure, symprec=symprec)
+    if sym and sym["error"]:
+        st.warning(sym["error"])
+        conventional = None
+    elif sym:
+        wyckoff = ", ".join(f"{w['element']} {w['wyckoff']}" for w in sym["wyckoff"])
+        st.markdown(f"**Space group** {sym['symbol']} (No. {sym['number']}), {sym['crystal_system']}, point group "
+                    f"{sym['point_group']}  \n**Wyckoff positions** {wyckoff}  \n{sym['n_operations']} symmetry "
+                    f"operations in the conventional cell ({sym['n_operations_cell']} in this cell)")
+    cells = {"this cell": structure}
+    if conventional is not None:
+        cells["conventional cell"] = conventional
+    st.table(_lattice_table(cells))
+    note = ("Wyckoff multiplicities and XRD Miller indices refer to the conventional standard cell "
+            "(International Tables setting), whatever cell the CIF is written in." if conventional is not None else "")
+    st.caption(f"Density {info['density']:.3f} g/cm³, {info['volume_per_atom']:.2f} Å³ per atom. {note}")
 
 tab_sites, tab_bonds, tab_xrd, tab_src = st.tabs(["Sites", "Bonds", "Powder XRD", "Provenance"])
 with tab_sites:
-    st.dataframe(analysis.sites_table(structure), hide_index=True, key="structure_sites")
+    sites = analysis.sites_table(structure)
+    if sym and sym["site_wyckoff"]:
+        sites.insert(2, "Wyckoff", sym["site_wyckoff"])
+    st.dataframe(sites.rename(columns={"x": "x (frac)", "y": "y (frac)", "z": "z (frac)", "cart_x": "x (Å)",
+                                       "cart_y": "y (Å)", "cart_z": "z (Å)"}),
+                 hide_index=True, key="structure_sites")
 with tab_bonds:
     with common.user_errors(stop=False):
         bonds = _bonds(cif)
@@ -114,15 +134,17 @@ with tab_bonds:
             st.caption(f"{bonds['reasonable'].mean():.0%} of {len(bonds)} bonds within 0.68-1.32 of the expected "
                        "length (ionic radii when the electronegativity difference is at least 1.7, else atomic "
                        "radii); this fraction is the CrystaLLM bond-length score.")
+            summary = summary.rename(columns={c: f"{c} (Å)" for c in ("mean", "min", "max", "expected")})
             st.dataframe(summary, hide_index=True, key="structure_bond_summary",
                          column_config={"reasonable": st.column_config.ProgressColumn(
                              "reasonable", min_value=0.0, max_value=1.0, format="percent")})
             with st.expander("Every bond"):
-                st.dataframe(bonds, hide_index=True, key="structure_bonds")
+                st.dataframe(bonds.rename(columns={"distance": "distance (Å)", "expected": "expected (Å)"}),
+                             hide_index=True, key="structure_bonds")
 with tab_xrd:
-    wavelength = st.selectbox("Radiation", ["CuKa", "MoKa", "CoKa", "FeKa", "AgKa"], key="structure_xrd_wl")
+    wavelength = st.selectbox("Radiation", list(RADIATION), format_func=RADIATION.get, key="structure_xrd_wl")
     with common.user_errors(stop=False):
-        peaks = _xrd(cif, wavelength)
+        peaks = _xrd(cif, wavelength, symprec)
         fig = go.Figure(go.Bar(x=peaks["two_theta"], y=peaks["intensity"], width=0.3,
                                customdata=peaks[["hkl", "d_spacing"]],
                                hovertemplate="2θ %{x:.2f}°<br>I %{y:.1f}<br>%{customdata[0]}<br>"
@@ -130,7 +152,14 @@ with tab_xrd:
         fig.update_layout(xaxis_title="2θ (degrees)", yaxis_title="intensity (max 100)", height=340,
                           margin={"t": 20})
         st.plotly_chart(fig, key="structure_xrd")
-        st.dataframe(peaks, hide_index=True, key="structure_peaks")
+        if conventional is None:
+            st.caption(f"Miller indices of the cell as given: no space group found at {symprec} Å.")
+        else:
+            abc = ", ".join(f"{x:.4f}" for x in conventional.lattice.abc)
+            st.caption(f"Miller indices of the conventional cell of {sym['symbol']} (a, b, c = {abc} Å).")
+        st.dataframe(peaks.rename(columns={"two_theta": f"2θ (°, {RADIATION[wavelength]})",
+                                           "intensity": "intensity (max 100)", "d_spacing": "d (Å)"}),
+                     hide_index=True, key="structure_peaks")
 with tab_src:
     if provenance is None:
         st.caption("Uploaded or pasted: no prompt or checkpoint.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
@@ -13,6 +14,60 @@ from engine.errors import InputError
 @pytest.fixture
 def nacl() -> Structure:
     return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+@pytest.fixture(scope="module")
+def spinel(shared_dir) -> Structure:
+    """Lu2MnS4 (mp-14305), Fd-3m, as MP-20 stores it: the 14-site primitive cell, a = 7.72 Å, angles 60°."""
+    rows = pd.read_csv(shared_dir / "data" / "mp20_subset" / "val.csv", index_col="material_id")
+    return Structure.from_str(rows.loc["mp-14305", "cif"], fmt="cif")
+
+
+def test_spinel_wyckoff_and_operations_are_those_of_the_conventional_cell(spinel):
+    assert len(spinel) == 14
+    sym = analysis.symmetry(spinel)
+    assert (sym["symbol"], sym["number"]) == ("Fd-3m", 227)
+    assert [(w["element"], w["wyckoff"], w["sites"]) for w in sym["wyckoff"]] == [
+        ("Mn", "8a", 2), ("Lu", "16d", 4), ("S", "32e", 8)]
+    assert sym["wyckoff"][0]["site_symmetry"] == "-43m"
+    assert sym["n_operations"] == 192 and sym["n_operations_cell"] == 48  # 48 point operations x 4 F-centrings
+    assert sorted(sym["site_wyckoff"]) == ["16d"] * 4 + ["32e"] * 8 + ["8a"] * 2
+
+
+def test_rock_salt_wyckoff_is_4a_4b_in_any_cell(nacl):
+    for cell in (nacl, nacl.get_primitive_structure(), nacl * (2, 2, 2)):
+        sym = analysis.symmetry(cell)
+        assert [(w["element"], w["wyckoff"]) for w in sym["wyckoff"]] == [("Na", "4a"), ("Cl", "4b")]
+        assert sym["n_operations"] == 192
+    assert analysis.symmetry(nacl.get_primitive_structure())["n_operations_cell"] == 48
+
+
+def test_repeated_orbits_of_one_element_are_listed_apart():
+    # Bi2Se3-type, R-3m: Se on two different orbits (3a and 6c), counted in the hexagonal conventional cell.
+    hexagonal = Structure.from_spacegroup("R-3m", Lattice.hexagonal(4.14, 28.6), ["Bi", "Se", "Se"],
+                                          [[0, 0, 0.4], [0, 0, 0], [0, 0, 0.21]])
+    sym = analysis.symmetry(hexagonal.get_primitive_structure())
+    assert [(w["element"], w["wyckoff"]) for w in sym["wyckoff"]] == [("Se", "3a"), ("Bi", "6c"), ("Se", "6c")]
+    assert sym["n_operations"] == 36  # 12 point operations x 3 rhombohedral centrings
+
+
+def test_conventional_cell_keeps_the_given_positions(spinel, nacl):
+    conv = analysis.conventional_cell(spinel)
+    assert len(conv) == 56 and conv.composition.reduced_formula == spinel.composition.reduced_formula
+    assert np.allclose(conv.lattice.abc, 7.7186 * 2**0.5, atol=1e-3) and np.allclose(conv.lattice.angles, 90)
+    stretched = nacl.copy()
+    stretched.apply_strain([0.01, 0, 0])  # a 0.056 Å longer: cubic at 0.1 Å, yet the cell is not idealised
+    assert analysis.symmetry(stretched)["number"] == 225
+    assert sorted(analysis.conventional_cell(stretched).lattice.abc) == pytest.approx([5.64, 5.64, 5.6964])
+
+
+def test_xrd_of_the_spinel_is_indexed_on_the_cubic_cell(spinel):
+    peaks = analysis.xrd_pattern(spinel)
+    top = peaks.loc[peaks.intensity.idxmax()]
+    assert top.hkl == "(3 1 1)" and abs(top.two_theta - 27.09) < 0.05
+    as_given = analysis.xrd_pattern(spinel, symprec=None)  # same peaks, primitive-cell indices
+    assert np.allclose(as_given.two_theta, peaks.two_theta) and np.allclose(as_given.intensity, peaks.intensity)
+    assert as_given.loc[as_given.intensity.idxmax(), "hkl"] != "(3 1 1)"
 
 
 def test_symmetry_depends_on_tolerance(nacl):

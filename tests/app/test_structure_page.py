@@ -1,0 +1,75 @@
+"""AppTest of the Structure page on a real crystal: Wyckoff positions, operation count and XRD indices follow the
+International Tables (conventional cell) whatever cell the CIF is written in, and every table header has units."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine
+
+
+def open_page(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
+    at.run()
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def table_with(at: AppTest, column: str) -> pd.DataFrame:
+    """The one dataframe on the page that has this column."""
+    found = [df.value for df in at.dataframe if column in df.value.columns]
+    assert len(found) == 1, [list(df.value.columns) for df in at.dataframe]
+    return found[0]
+
+
+@pytest.fixture
+def spinel_page(shared_dir, use_asset_cache) -> AppTest:
+    """The Structure page showing Lu2MnS4 (mp-14305) pasted as MP-20 stores it: the 14-site primitive cell."""
+    rows = pd.read_csv(shared_dir / "data" / "mp20_subset" / "val.csv", index_col="material_id")
+    at = open_page("pages/structure.py")
+    at.radio(key="structure_source").set_value("Paste a CIF").run()
+    at.text_area(key="structure_paste").input(rows.loc["mp-14305", "cif"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_symmetry_panel_gives_conventional_wyckoff_positions_and_operations(spinel_page):
+    text = "\n".join(md.value for md in spinel_page.markdown)
+    assert "Fd-3m (No. 227), cubic, point group m-3m" in text
+    assert "**Wyckoff positions** Mn 8a, Lu 16d, S 32e" in text
+    assert "192 symmetry operations in the conventional cell (48 in this cell)" in text
+
+
+def test_lattice_table_shows_this_cell_and_the_conventional_cell_in_full(spinel_page):
+    lattice = spinel_page.table[0].value
+    assert list(lattice.columns) == ["this cell", "conventional cell"]
+    assert lattice.loc["a (Å)"].tolist() == ["7.7186", "10.9158"]
+    assert lattice.loc["α (°)"].tolist() == ["60.00", "90.00"]
+    assert lattice.loc["volume (Å³)"].tolist() == ["325.17", "1300.67"]
+    assert lattice.loc["sites"].tolist() == ["14", "56"]
+
+
+def test_xrd_is_indexed_on_the_cubic_cell_with_units_in_the_headers(spinel_page):
+    peaks = table_with(spinel_page, "hkl")
+    assert list(peaks.columns) == ["2θ (°, Cu Kα)", "intensity (max 100)", "hkl", "d (Å)"]
+    top = peaks.loc[peaks["intensity (max 100)"].idxmax()]
+    assert top["hkl"] == "(3 1 1)" and top["d (Å)"] == pytest.approx(3.291, abs=1e-3)
+    assert any("conventional cell of Fd-3m" in c.value for c in spinel_page.caption)
+
+
+def test_sites_and_bonds_tables_say_their_units(spinel_page):
+    sites = table_with(spinel_page, "Wyckoff")
+    assert list(sites.columns) == ["site", "element", "Wyckoff", "x (frac)", "y (frac)", "z (frac)", "x (Å)",
+                                   "y (Å)", "z (Å)", "occupancy"]
+    assert dict(zip(sites.element, sites.Wyckoff)) == {"Mn": "8a", "Lu": "16d", "S": "32e"}
+    summary = table_with(spinel_page, "pair")
+    assert {"mean (Å)", "min (Å)", "max (Å)", "expected (Å)"} <= set(summary.columns)
+    assert {"distance (Å)", "expected (Å)"} <= set(table_with(spinel_page, "distance (Å)").columns)
+
