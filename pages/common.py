@@ -160,10 +160,17 @@ def follow(key: str, value: object) -> None:
 
 
 def pick_path(label: str, options: list[Path], *, key: str, help: str | None = None,
-              allow_custom: bool = False) -> Path | None:
-    """A selectbox over discovered folders/files, optionally with a typed path checked by the settings."""
+              allow_custom: bool = False, empty: str | None = None, stop: bool = True) -> Path | None:
+    """A selectbox over discovered folders/files, optionally with a typed path checked by the settings.
+
+    ``empty`` is said when nothing was discovered (before the typed-path box, when ``allow_custom``). Returns None
+    when there is nothing to choose; while a typed path is still empty it stops the page (``stop``) or returns
+    None (``stop=False``, for pages that show results below the picker).
+    """
     choices = [rel(p) for p in options]
     custom = "other path..."
+    if not options and empty:
+        st.info(empty, icon=":material/info:")
     if allow_custom:
         choices.append(custom)
     if not choices:
@@ -174,7 +181,9 @@ def pick_path(label: str, options: list[Path], *, key: str, help: str | None = N
                               help="Absolute, or relative to the runs root; its folder must be allowed "
                                    "(CRYSTALLAB_DATA_DIRS).")
         if not typed.strip():
-            st.stop()
+            if stop:
+                st.stop()
+            return None
         with user_errors():
             return settings().resolve_user_path(typed.strip())
     return options[choices.index(choice)]

@@ -34,11 +34,11 @@ def _stamp(run) -> float:
 # --- launch --------------------------------------------------------------------------------------------------
 runs = common.csp_runs()
 with st.expander("Run the benchmark", expanded=not runs):
-    ckpt = common.pick_path("Checkpoint", common.checkpoints(), key="csp_ckpt", allow_custom=True,
-                            help="Checkpoints of runs under runs/train/, or any allowed path (CrystaLLM's ckpt.pt)")
-    if ckpt is None:
-        st.info("No checkpoint yet: train one on the Train page, or choose 'other path...'.")
-    else:
+    ckpt = common.pick_path("Checkpoint", common.checkpoints(), key="csp_ckpt", allow_custom=True, stop=False,
+                            help="Checkpoints of runs under runs/train/, or any allowed path (CrystaLLM's ckpt.pt)",
+                            empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
+                                  "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
+    if ckpt is not None:
         with st.form("csp_form"):
             c1, c2 = st.columns([1, 2])
             name = c1.text_input("Run name", value="csp", key="csp_name")

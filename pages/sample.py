@@ -40,17 +40,17 @@ def _sg_options() -> list[str]:
 # --- generate ------------------------------------------------------------------------------------------------
 with st.expander("Generate", expanded=True):
     ckpt = common.pick_path("Checkpoint", common.checkpoints(), key="sample_ckpt", allow_custom=True,
-                            help="Checkpoints of runs under runs/train/, or any path (e.g. CrystaLLM's ckpt.pt)")
-    if ckpt is None:
-        st.info("No checkpoint yet: train one on the Train page, or choose 'other path...'.")
-        st.stop()
+                            help="Checkpoints of runs under runs/train/, or any path (e.g. CrystaLLM's ckpt.pt)",
+                            empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
+                                  "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
     with common.user_errors():
         info = _ckpt_info(str(ckpt), ckpt.stat().st_mtime)
     if info["problem"]:
         st.error(f"{ckpt.name} cannot be used for sampling: {info['problem']}", icon=":material/error:")
         st.stop()
     st.caption(f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
-               f"{info['model_args'].get('block_size')} | best val loss {info['best_val_loss'] or '-'}"
+               f"{info['model_args'].get('block_size')} | best val loss "
+               f"{'-' if info['best_val_loss'] is None else format(info['best_val_loss'], '.4f')}"
                + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
 
     conditional = st.toggle("Condition on a composition", value=True, key="sample_conditional")
@@ -156,7 +156,12 @@ for k, (_, row) in enumerate(df.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].ite
         formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else "?"
         sg_ = row.get("spacegroup") if isinstance(row.get("spacegroup"), str) else "?"
         st.markdown(f"**#{row['index']}** {formula_} · {sg_}  \n{BADGES.get(row['badge'], row['badge'])}")
-        if st.button("View", key=f"sample_pick_{row['index']}", disabled=not row.get("postprocess_ok", False)):
+        if row["badge"] == "unparsable":
+            why = row.get("failure_reason") if isinstance(row.get("failure_reason"), str) else None
+            why = why or (row.get("postprocess_reason") if isinstance(row.get("postprocess_reason"), str) else None)
+            st.caption(why.replace("_", " ") if why else "could not be read")
+        if st.button("View", key=f"sample_pick_{row['index']}", disabled=row["badge"] == "unparsable"
+                     or not row.get("postprocess_ok", False)):
             st.session_state["sample_selected"] = int(row["index"])
 
 with st.expander(f"Table of all {len(df)} samples"):
@@ -173,10 +178,12 @@ if (set_dir / "eval.csv").exists():
                        mime="text/csv", key="sample_csv", icon=":material/download:")
 
 # --- one structure -------------------------------------------------------------------------------------------
-ok = df[df["postprocess_ok"].astype(bool)] if "postprocess_ok" in df.columns else df.iloc[0:0]
+# Only samples that were read as a structure can be viewed (a post-processed CIF can still fail to parse).
+ok = df[df["postprocess_ok"].astype(bool) & (df["badge"] != "unparsable")] if "postprocess_ok" in df.columns \
+    else df.iloc[0:0]
 if ok.empty:
-    st.warning("No sample of this set could be post-processed into a CIF; try a lower temperature or a "
-               "better-trained checkpoint.")
+    st.warning("No sample of this set could be read as a crystal structure; try a lower temperature, more "
+               "max new tokens or a better-trained checkpoint.")
     st.stop()
 sel = st.session_state.get("sample_selected")
 if sel not in set(ok["index"]):
@@ -184,7 +191,8 @@ if sel not in set(ok["index"]):
 row = ok[ok["index"] == sel].iloc[0]
 cif_path = set_dir / "processed" / f"{row['name']}.cif"
 cif = cif_path.read_text(encoding="utf-8")
-st.subheader(f"Sample #{sel}: {row.get('reduced_formula', '')} {BADGES.get(row['badge'], '')}")
+formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else ""
+st.subheader(f"Sample #{sel}: {formula_} {BADGES.get(row['badge'], '')}")
 left, right = st.columns([3, 2])
 with left:
     with common.user_errors(stop=False):

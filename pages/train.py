@@ -51,10 +51,10 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
         if mode == "finetune":
             init_ckpt = common.pick_path("Checkpoint to fine-tune", common.checkpoints(), key="train_ckpt",
                                          allow_custom=True, help="A run's checkpoint, or any path such as "
-                                                                 "CrystaLLM's crystallm_v1_small/ckpt.pt")
-            if init_ckpt is None:
-                st.info("No checkpoint found under runs/train/: choose 'other path...' or train from scratch.")
-                st.stop()
+                                                                 "CrystaLLM's crystallm_v1_small/ckpt.pt",
+                                         empty="No checkpoint under runs/train/ yet: give the path of one below "
+                                               "(e.g. CrystaLLM's crystallm_v1_small/ckpt.pt), or train from "
+                                               "scratch.")
         names = [p.name for p in common.datasets()]
         if base.dataset not in names:
             names.insert(0, base.dataset)

@@ -155,9 +155,10 @@ def test_sample_view_and_sweep_offline(server):
         try:
             _sample_and_view(page, url, runs)
             text = _sweep(page, url, runs)
-            for name, title in (("home", "crystallab"), ("data", "Data"), ("train", "Train"),
-                                ("structure", "Structure"), ("csp", "Structure prediction")):
-                _open(page, f"{url}/{name}", title)  # every page's own address opens it ...
+            for name, path, title in (("home", "", "crystallab"), ("data", "data", "Data"),
+                                      ("train", "train", "Train"), ("structure", "structure", "Structure"),
+                                      ("csp", "csp", "Structure prediction")):
+                _open(page, f"{url}/{path}", title)  # every page's own address opens it ...
                 page.wait_for_timeout(1000)
                 assert page.get_by_text("Page not found").count() == 0, name  # ... with no "not found" dialog
                 page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
