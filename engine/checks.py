@@ -26,7 +26,8 @@ Deliberate differences from upstream CrystaLLM (the README quotes this list):
 1. A truncated text (no complete atom-site loop, a short last row, or a last row without its newline) is a parse
    failure: ``parse_ok`` False, ``failure_reason`` "truncated", ``is_valid`` False. The text-only checks
    (sensible, formula, multiplicity) are still reported, but the structure checks are not run even when pymatgen
-   could read the surviving rows (upstream scored such texts).
+   could read the surviving rows (upstream scored such texts). A CIF that *ended* with such a loop (a blank line
+   or more text after it) was written broken, not cut: ``failure_reason`` "malformed", same consequences.
 2. Absurd cells are rejected before any expensive analysis: more than ``max_sites`` sites after symmetry
    expansion (``too_many_sites``) or a volume per atom outside [1, 1000] angstrom^3 (``absurd_volume``). Their
    structure checks are None and ``is_valid`` is False. Upstream analysed them, sometimes for many minutes.
@@ -51,7 +52,7 @@ from pymatgen.core import Composition, Element, Structure
 from pymatgen.io.cif import CifFile, CifParser
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from engine.postprocess import find_truncation, stated_spacegroup
+from engine.postprocess import incomplete_reason, stated_spacegroup
 from engine.vocab import ATOM_PROPS
 
 SENSIBLE_LENGTH = (0.5, 1000.0)
@@ -274,22 +275,47 @@ def parse_structure(text: str) -> tuple[Structure | None, str | None, str | None
     return structure, None, None
 
 
-def _prompt_hits(row: dict, prompt: dict | None, structure: Structure) -> None:
-    """Fill ``formula_hit`` / ``spacegroup_hit`` against the prompt's cell composition and space group.
+def prompt_targets(prompt: dict | None) -> tuple[str | None, str | None]:
+    """The (cell composition, space-group symbol) a prompt asks for; None for each part it leaves open.
 
-    The prompt's ``formula`` is the cell composition of its ``data_`` line (``Na2Cl2``: Z is part of it), so a
-    hit is the same cell composition, not just the same reduced formula.
+    The prompt's ``formula`` is the cell composition of its ``data_`` line (``Na2Cl2``: Z is part of it); a
+    prompt without one falls back to the formula on the ``data_`` line of its ``text``.
     """
     if not prompt:
-        return
+        return None, None
     formula = prompt.get("formula")
     if not formula:
         header = _DATA_RE.search(prompt.get("text") or "")
         formula = header.group(1) if header else None
+    spacegroup = str(prompt["spacegroup"]).strip() if prompt.get("spacegroup") else None
+    return formula or None, spacegroup
+
+
+def _prompt_hits(row: dict, prompt: dict | None, structure: Structure) -> None:
+    """Fill ``formula_hit`` / ``spacegroup_hit`` against the prompt's cell composition and space group.
+
+    A hit is the same cell composition, not just the same reduced formula; a space-group hit needs a detected
+    space group (rows whose analysis stopped early have none, so they miss).
+    """
+    formula, spacegroup = prompt_targets(prompt)
     if formula:
         row["formula_hit"] = structure.composition.almost_equals(Composition(formula))
-    if prompt.get("spacegroup"):
-        row["spacegroup_hit"] = row["spacegroup"] == str(prompt["spacegroup"]).strip()
+    if spacegroup:
+        row["spacegroup_hit"] = row["spacegroup"] == spacegroup
+
+
+def mark_missed_hits(row: dict, prompt: dict | None) -> dict:
+    """Set the hit columns the prompt asks about to False where the sample gave no verdict (it did not parse).
+
+    A sample that failed did not hit the prompt, so hit rates stay k/n over all samples; columns the prompt does
+    not ask about stay None. Returns ``row``.
+    """
+    formula, spacegroup = prompt_targets(prompt)
+    if formula and row.get("formula_hit") is None:
+        row["formula_hit"] = False
+    if spacegroup and row.get("spacegroup_hit") is None:
+        row["spacegroup_hit"] = False
+    return row
 
 
 def text_checks(text: str) -> dict[str, Any]:
@@ -339,7 +365,8 @@ def check_cif(
     # carry the information, and a warning per sample would drown the evaluator's output.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _check(processed_cif, prompt, max_sites, volume_per_atom, max_smact_combinations)
+        row = _check(processed_cif, prompt, max_sites, volume_per_atom, max_smact_combinations)
+    return mark_missed_hits(row, prompt)
 
 
 def _check(
@@ -350,9 +377,9 @@ def _check(
     max_smact_combinations: int,
 ) -> dict[str, Any]:
     row = text_checks(processed_cif)
-    truncation = find_truncation(processed_cif)
-    if truncation is not None:
-        row.update(parse_ok=False, failure_reason="truncated", failure_detail=truncation)
+    incomplete = incomplete_reason(processed_cif)
+    if incomplete is not None:
+        row.update(parse_ok=False, failure_reason=incomplete[0], failure_detail=incomplete[1])
         return row
     structure, category, detail = parse_structure(processed_cif)
     if structure is None:
@@ -372,12 +399,14 @@ def _check(
     )
     if n > max_sites:
         row.update(failure_reason="too_many_sites", failure_detail=f"{n} sites after symmetry expansion > {max_sites}")
+        _prompt_hits(row, prompt, structure)
         return row
     if not volume_per_atom[0] <= structure.volume / n <= volume_per_atom[1]:
         row.update(
             failure_reason="absurd_volume",
             failure_detail=f"volume per atom {structure.volume / n:.3g} A^3 outside {volume_per_atom}",
         )
+        _prompt_hits(row, prompt, structure)
         return row
     row["spacegroup"], row["spacegroup_number"] = detect_spacegroup(structure)
     if row["spacegroup"] is not None and row["stated_spacegroup"] is not None:

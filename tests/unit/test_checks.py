@@ -128,7 +128,7 @@ def test_valid_structure_gets_full_row_and_prompt_hits():
 
 def test_wrong_high_symmetry_group_is_rejected_quickly_as_too_many_sites():
     structure = _rocksalt(30.0)
-    structure.perturb(0.3)  # general positions: Fm-3m expands each of 8 sites 192-fold
+    structure.perturb(0.3, seed=0)  # general positions: Fm-3m expands each of 8 sites 192-fold; seeded: not flaky
     text = _p1_cif(structure, spacegroup="Fm-3m")
     start = time.perf_counter()
     row = check_cif(postprocess(text).cif)
@@ -160,3 +160,22 @@ def test_cdvae_checks():
     assert smact_valid(Structure(Lattice.cubic(4), ["Na", "Cl", "Cl"], [[0, 0, 0]] * 3).composition) is False
     assert smact_valid(Structure(Lattice.cubic(3), ["Cu", "Zn"], [[0, 0, 0], [0.5] * 3]).composition)  # alloy
     assert smact_valid(Structure(Lattice.cubic(3), ["Si"], [[0, 0, 0]]).composition)  # pure element
+
+
+def test_a_cif_that_ended_with_a_short_row_is_malformed_not_truncated():
+    good = postprocess(_p1_cif(_rocksalt())).cif
+    body, last = good.rstrip("\n").rsplit("\n", 1)
+    row = check_cif(f"{body}\n{last.split(' ', 1)[1]}\n\n")  # a row without its type symbol, then the CIF end
+    assert row["failure_reason"] == "malformed" and "fewer than" in row["failure_detail"]
+    assert row["parse_ok"] is False and row["is_valid"] is False
+
+
+def test_samples_without_a_verdict_miss_the_prompt():
+    prompt = {"formula": "Na4Cl4", "spacegroup": "Fm-3m", "text": "data_Na4Cl4\n"}
+    good = postprocess(_p1_cif(_rocksalt())).cif
+    cut = check_cif(good[:-30], prompt)
+    assert cut["formula_hit"] is False and cut["spacegroup_hit"] is False
+    absurd = check_cif(postprocess(_p1_cif(_rocksalt(1.4))).cif, prompt)  # parsed, analysis stopped early
+    assert absurd["formula_hit"] is True and absurd["spacegroup_hit"] is False
+    assert check_cif(good[:-30], {"formula": "Na4Cl4"})["spacegroup_hit"] is None  # not asked: no verdict
+    assert check_cif(good[:-30])["formula_hit"] is None

@@ -119,3 +119,69 @@ def test_cli_folder_writes_cifs_and_failure_list(tmp_path, golden_canonical, cap
 def test_cli_missing_input_is_a_user_error(tmp_path):
     with pytest.raises(InputError, match="nope.txt does not exist"):
         run_cli(["postprocess", str(tmp_path / "nope.txt"), str(tmp_path / "out.cif")])
+
+
+def _complete_text(golden_canonical) -> str:
+    return next(r["decoded"] for r in golden_canonical if r.get("decoded"))
+
+
+def test_text_cut_at_the_token_limit_is_truncated_whatever_it_holds(golden_canonical):
+    text = _complete_text(golden_canonical)
+    cut = postprocess(text, finished=False)  # the sampler says: stopped at max_new_tokens
+    assert cut.cif is None and cut.reason == "truncated" and "max_new_tokens" in cut.error
+    assert postprocess(text, finished=True).cif == postprocess(text).cif  # a finished complete text is fine
+
+
+def test_finished_text_with_a_short_last_row_is_malformed_not_truncated(golden_canonical):
+    text = _complete_text(golden_canonical)
+    body, last = text.rstrip("\n").rsplit("\n", 1)
+    short = f"{body}\n{last.split(' ', 1)[1]}\n\n"  # the row lost its type symbol; the model then ended the CIF
+    for finished in (True, None):
+        result = postprocess(short, finished=finished)
+        assert result.cif is None and result.reason == "malformed", finished
+        assert "fewer than" in result.error and "max_new_tokens" not in result.error
+    assert postprocess(short, finished=False).reason == "truncated"
+    assert postprocess(text[: len(text) - 12]).reason == "truncated"  # cut mid-row: still truncated
+
+
+def test_a_second_data_block_is_a_failure_not_a_cif(golden_canonical):
+    texts = [r["decoded"] for r in golden_canonical if r.get("decoded")][:2]
+    both = texts[0].rstrip("\n") + "\n" + texts[1]  # no blank line: the model ran on into a second CIF
+    result = postprocess(both, finished=True)
+    assert result.cif is None and result.reason == "several_blocks"
+    assert "2 data_ blocks" in result.error
+
+
+def test_cli_refuses_a_file_as_output_for_a_folder(tmp_path, golden_canonical):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "0000.txt").write_text(_complete_text(golden_canonical))
+    existing = tmp_path / "one.cif"
+    existing.write_text("keep me")
+    with pytest.raises(InputError, match="one.cif is a file but IN .* is a folder"):
+        run_cli(["postprocess", str(src), str(existing)])
+    assert existing.read_text() == "keep me"
+
+
+def test_cli_with_nothing_post_processed_is_a_user_error(tmp_path, golden_canonical):
+    src, out = tmp_path / "raw", tmp_path / "out"
+    src.mkdir()
+    (src / "0000.txt").write_text(_complete_text(golden_canonical)[:200])
+    with pytest.raises(InputError, match="none of the 1 file.* could be post-processed"):
+        run_cli(["postprocess", str(src), str(out)])
+    assert json.loads((out / "postprocess_failures.jsonl").read_text())["reason"] == "truncated"
+
+
+def test_cli_on_a_sample_set_uses_the_samplers_finished_flags(tmp_path, golden_canonical):
+    texts = [r["decoded"] for r in golden_canonical if r.get("decoded")][:2]
+    raw = tmp_path / "set" / "raw"
+    raw.mkdir(parents=True)
+    for i, text in enumerate(texts):
+        (raw / f"{i:04d}.txt").write_text(text)
+    flags = [{"name": "0000", "finished": True}, {"name": "0001", "finished": False}]
+    (tmp_path / "set" / "samples.jsonl").write_text("".join(json.dumps(f) + "\n" for f in flags))
+    out = tmp_path / "processed"
+    assert run_cli(["postprocess", str(raw), str(out)]) == 0
+    assert (out / "0000.cif").exists() and not (out / "0001.cif").exists()
+    failure = json.loads((out / "postprocess_failures.jsonl").read_text())
+    assert failure["file"] == "0001.txt" and failure["reason"] == "truncated"
