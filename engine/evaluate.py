@@ -15,22 +15,23 @@ before it takes work, so the time box measures the item and not start-up. Output
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
-from engine.checks import ROW_FIELDS, check_cif, empty_row, failed_row
+from engine.checks import ROW_FIELDS, check_cif, empty_row, failed_row, mark_missed_hits
 from engine.errors import InputError
 from engine.fsutil import atomic_write_json, atomic_write_text, read_json
 from engine.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
-from engine.postprocess import postprocess
+from engine.postprocess import finished_flags, postprocess
 
 __all__ = [
     "METRIC_DEFINITIONS", "TrainingIndex", "evaluate_one", "evaluate_sample_set", "evaluate_texts",
@@ -84,7 +85,14 @@ def _token_count(text: str) -> int:
     return len(encode(text))
 
 
-def evaluate_one(text: str, *, raw: bool = True, prompt: dict | None = None, max_sites: int = 500) -> dict:
+def evaluate_one(
+    text: str,
+    *,
+    raw: bool = True,
+    prompt: dict | None = None,
+    max_sites: int = 500,
+    finished: bool | None = None,
+) -> dict:
     """Post-process (when ``raw``) and check one text; the row also holds ``processed_cif`` and the length.
 
     Args:
@@ -92,11 +100,14 @@ def evaluate_one(text: str, *, raw: bool = True, prompt: dict | None = None, max
         raw: whether to post-process first.
         prompt: the prompt dict for the hit columns.
         max_sites: see `engine.checks.check_cif`.
+        finished: whether generation stopped at the CIF end (from the sample set's ``samples.jsonl``); False
+            makes the text ``truncated``, None judges from the text (see `engine.postprocess.postprocess`).
     """
     if raw:
-        result = postprocess(text)
+        result = postprocess(text, finished)
         if result.cif is None:
-            reason = "truncated" if result.reason == "truncated" else "postprocess_failed"
+            # truncated (raise max_new_tokens) and malformed (a broken CIF) need different remedies: keep both.
+            reason = result.reason if result.reason in ("truncated", "malformed") else "postprocess_failed"
             row = failed_row(text, reason, result.error)
         else:
             row = check_cif(result.cif, prompt, max_sites=max_sites)
@@ -105,11 +116,11 @@ def evaluate_one(text: str, *, raw: bool = True, prompt: dict | None = None, max
         row = check_cif(text, prompt, max_sites=max_sites)
         row["processed_cif"] = text
     row["generated_length"] = _token_count(text)
-    return row
+    return mark_missed_hits(row, prompt)
 
 
-def _evaluate_task(text: str, raw: bool, prompt: dict | None, max_sites: int) -> dict:
-    return evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites)
+def _evaluate_task(text: str, raw: bool, prompt: dict | None, max_sites: int, finished: bool | None) -> dict:
+    return evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites, finished=finished)
 
 
 def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
@@ -264,6 +275,7 @@ def evaluate_texts(
     raw: bool = True,
     progress: Progress | None = None,
     max_sites: int = 500,
+    finished: list[bool | None] | None = None,
 ) -> pd.DataFrame:
     """Evaluate generated texts in parallel, each in a time box; one row per item, in input order.
 
@@ -276,6 +288,7 @@ def evaluate_texts(
         raw: the texts are raw generated text to post-process first (False: already post-processed CIFs).
         progress: called as ``progress(done, total)`` after each item.
         max_sites: see `engine.checks.check_cif`.
+        finished: per item, whether generation stopped at the CIF end (None: unknown); see `evaluate_one`.
 
     Returns:
         A DataFrame with the columns of `COLUMNS`.
@@ -285,17 +298,21 @@ def evaluate_texts(
         prompt = prompt.to_dict()  # an engine.prompts.Prompt
     if not items:
         return pd.DataFrame(columns=list(COLUMNS))
+    flags = list(finished) if finished is not None else [None] * len(items)
+    if len(flags) != len(items):
+        raise ValueError(f"finished has {len(flags)} flags for {len(items)} items")
     if workers == 1 and timeout_s is None:
         rows = []
-        for i, (_, text) in enumerate(items):
-            rows.append(evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites))
+        for i, ((_, text), flag) in enumerate(zip(items, flags)):
+            rows.append(evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites, finished=flag))
             if progress is not None:
                 progress(i + 1, len(items))
     else:
-        tasks = [(i, text, raw, prompt, max_sites) for i, (_, text) in enumerate(items)]
+        tasks = [(i, text, raw, prompt, max_sites, flag) for i, ((_, text), flag) in enumerate(zip(items, flags))]
         rows = run_pool(_evaluate_task, tasks, workers, timeout_s, progress)
     for (name, _), row in zip(items, rows):
         row["file"] = name
+        mark_missed_hits(row, prompt)  # timeout / crashed rows carry no verdict: they missed the prompt
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -326,12 +343,16 @@ def evaluate_sample_set(
         raise InputError(f"{folder} has no raw/*.txt: point at a sample-set folder written by `crystallab sample`")
     prompt = (read_json(folder / "config.json", {}) or {}).get("prompt")
     items = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in raw_files]
-    df = evaluate_texts(items, prompt=prompt, workers=workers, timeout_s=timeout_s, progress=progress)
+    flags = finished_flags(folder)
+    df = evaluate_texts(
+        items, prompt=prompt, workers=workers, timeout_s=timeout_s, progress=progress,
+        finished=[flags.get(name) for name, _ in items],
+    )
     for name, cif in zip(df["file"], df["processed_cif"]):
         target = folder / "processed" / f"{Path(name).stem}.cif"
         if isinstance(cif, str) and not target.exists():  # pandas may hold a missing CIF as NaN
             atomic_write_text(target, cif)
-    metrics = set_metrics(df, train_index=train_index)
+    metrics = set_metrics(df, train_index=train_index, prompt=prompt)
     write_table(df, folder / "eval.csv")
     atomic_write_json(folder / "eval_summary.json", metrics)
     return df, metrics
@@ -341,9 +362,13 @@ def evaluate_sample_set(
 # CLI: crystallab evaluate DIR_OR_FILES... --out eval.csv
 
 
-def _collect(paths: list[str]) -> tuple[list[tuple[str, str]], dict | None]:
-    """(name, text) items from files and folders (a sample-set folder contributes raw/*.txt and its prompt)."""
+def _collect(paths: list[str]) -> tuple[list[tuple[str, str]], dict | None, list[bool | None]]:
+    """(name, text) items from files and folders, the prompt, and each item's ``finished`` flag (None: unknown).
+
+    A sample-set folder contributes raw/*.txt, its prompt and the sampler's flags from its samples.jsonl.
+    """
     items: list[tuple[str, str]] = []
+    finished: list[bool | None] = []
     prompts = []
     for arg in paths:
         path = Path(arg).expanduser()
@@ -355,18 +380,64 @@ def _collect(paths: list[str]) -> tuple[list[tuple[str, str]], dict | None]:
             prompts.append((read_json(path / "config.json", {}) or {}).get("prompt"))
             prefix = f"{path.name}/" if len(paths) > 1 else ""
             items += [(prefix + p.name, p.read_text(encoding="utf-8", errors="replace")) for p in files]
+            flags = finished_flags(source)
+            finished += [flags.get(p.name) for p in files]
         elif path.is_file():
             items.append((path.name, path.read_text(encoding="utf-8", errors="replace")))
+            finished.append(None)
         else:
             raise InputError(f"{path} does not exist: give generated-text files or folders of them")
     prompt = prompts[0] if len(prompts) == 1 and len(paths) == 1 else None
-    return items, prompt
+    return items, prompt, finished
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: give the CSV file to write, e.g. {out / 'eval.csv'}")
+    if out.suffix.lower() != ".csv" and out.exists():
+        raise InputError(f"--out {out} already exists and is not a .csv file: give a CSV path such as eval.csv")
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise InputError(f"--timeout {timeout_s} must be a positive number of seconds per file (default 30)")
+
+
+def _format_value(value: Any, shown: int = 10) -> str:
+    """One metric value for the terminal: rates to 3 decimals, at most ``shown`` entries of a count dict."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        entries = [f"{k} {v}" for k, v in value.items()]
+        more = f" (+{len(entries) - shown} more)" if len(entries) > shown else ""
+        return ", ".join(entries[:shown]) + more or "none"
+    return str(value)
+
+
+def _p1_hint(df: pd.DataFrame) -> str | None:
+    """A hint when parsed files state P 1 but have more symmetry: pymatgen P1 CIFs, not canonical CIFs."""
+    stated = df["stated_spacegroup"].fillna("").astype(str).str.replace(" ", "")
+    p1_mismatch = int(((stated == "P1") & (df["space_group_consistent"] == False)).sum())  # noqa: E712
+    if p1_mismatch == 0 or p1_mismatch < 0.5 * int((df["parse_ok"] == True).sum()):  # noqa: E712
+        return None
+    return (
+        f"note: {p1_mismatch} file(s) state space group P 1 but have more symmetry, so they are not valid (space "
+        "group inconsistent). Reference CIFs written by pymatgen or Materials Project are P1 files: canonicalize "
+        "each first (crystallab cif canonicalize FILE > canon/FILE) and evaluate those files without --processed"
+    )
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    items, prompt = _collect(args.inputs)
+    out = Path(args.out).expanduser()
+    _check_out(out)
+    _check_timeout(args.timeout)
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers} must be at least 1 (default: the CPU count)")
+    items, prompt, finished = _collect(args.inputs)
     train_index = None
     if args.train:
         from engine.datasets import resolve_dataset_dir
@@ -379,20 +450,25 @@ def _run_cli(args: argparse.Namespace) -> int:
 
         df = evaluate_texts(
             items, prompt=prompt, workers=args.workers, timeout_s=args.timeout, raw=not args.processed,
-            progress=progress,
+            progress=progress, finished=finished,
         )
-    out = Path(args.out).expanduser()
     write_table(df, out)
-    metrics = set_metrics(df, train_index=train_index)
+    metrics = set_metrics(df, train_index=train_index, prompt=prompt)
     summary = out.with_name(f"{out.stem}_summary.json")
     atomic_write_json(summary, metrics)
-    reasons = Counter(r for r in df["failure_reason"] if r)
-    print(
-        f"{len(df)} file(s): parse rate {metrics['parse_rate']['value']:.3f}, "
-        f"validity {metrics['validity']['value']:.3f}; failures {dict(reasons) or 'none'}\n"
-        f"wrote {out} and {summary}",
-        file=sys.stderr,
-    )
+    width = max(len(name) for name in metrics)
+    lines = [f"{len(df)} file(s) evaluated; set metrics (definitions in {summary.name}):"]
+    for name, m in metrics.items():
+        value = _format_value(m["value"])
+        if name in ("novelty", "unique_novel_valid_rate") and train_index is None:
+            value += " (needs --train DATASET)"
+        if name != "n":
+            lines.append(f"  {name:<{width}}  {value}")
+    hint = _p1_hint(df)
+    if hint:
+        lines.append(hint)
+    lines.append(f"wrote {out} and {summary}")
+    print("\n".join(lines), file=sys.stderr)
     return 0
 
 
@@ -401,12 +477,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="check generated CIFs (CrystaLLM / CDVAE validity, symmetry) and compute set metrics",
-        description="Writes a CSV with one row per file and a summary JSON (<out>_summary.json) next to it.",
+        description=(
+            "Writes a CSV with one row per file and a summary JSON (<out>_summary.json, each metric with its "
+            "definition) next to it, and prints every set metric. Validity compares the space group a CIF states "
+            "with the one detected at symprec 0.1, so reference CIFs written by pymatgen or Materials Project "
+            "(which state P 1) are never valid as they are: canonicalize each first "
+            "(crystallab cif canonicalize FILE > canon/FILE, one file per CIF) and evaluate those files "
+            "without --processed (--processed is for CIFs that already list every symmetry operator)."
+        ),
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILES", help="sample-set folders, folders or files")
     p.add_argument("--out", required=True, help="CSV to write (e.g. eval.csv)")
     p.add_argument("--train", help="dataset folder or name under runs/data, for novelty")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-file time box in seconds (default 30)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-file time box in seconds, > 0 (default 30)")
     p.add_argument("--processed", action="store_true", help="inputs are post-processed CIFs, not raw texts")
     p.set_defaults(func=_run_cli)

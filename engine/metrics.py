@@ -24,7 +24,7 @@ import pandas as pd
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
-from engine.checks import parse_structure
+from engine.checks import parse_structure, prompt_targets
 from engine.postprocess import postprocess
 
 METRIC_DEFINITIONS: dict[str, str] = {
@@ -48,8 +48,8 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "distinct_formulas": "number of distinct reduced formulas among parsed samples",
     "distinct_spacegroups": "number of distinct detected space groups (symprec 0.1) among parsed samples",
     "formula_counts": "parsed samples per reduced formula",
-    "failure_counts": "samples per failure_reason (truncated, parse categories, too_many_sites, absurd_volume, "
-    "timeout, ...)",
+    "failure_counts": "samples per failure_reason (truncated: cut at the token limit; malformed: the CIF ended with "
+    "a broken atom-site loop; postprocess_failed, parse categories, too_many_sites, absurd_volume, timeout, ...)",
     "mean_valid_length": "mean generated length in tokens over CrystaLLM-valid samples",
 }
 
@@ -173,12 +173,17 @@ def _load_cif(text: str) -> Structure | None:
     return structure
 
 
-def set_metrics(df: pd.DataFrame, *, train_index: TrainingIndex | None = None) -> dict[str, dict[str, Any]]:
+def set_metrics(
+    df: pd.DataFrame, *, train_index: TrainingIndex | None = None, prompt: Any = None
+) -> dict[str, dict[str, Any]]:
     """Set-level metrics of an evaluation table, each as ``{"value": ..., "definition": ...}``.
 
     Args:
         df: output of `engine.evaluate.evaluate_texts` (needs ``processed_cif`` for uniqueness and novelty).
         train_index: training structures for novelty; without it the novelty entries are None.
+        prompt: the sample set's prompt (dict or `engine.prompts.Prompt`): a hit rate is k/n when the prompt has
+            a composition / space group, even when no sample parsed, and None when it has none. Without it,
+            a hit rate is None only when the table has no hit verdict at all.
     """
     n = len(df)
     parsed = _true(df, "parse_ok") if n else pd.Series(dtype=bool)
@@ -208,8 +213,13 @@ def set_metrics(df: pd.DataFrame, *, train_index: TrainingIndex | None = None) -
     values["cdvae_struct_validity"] = _rate(struct_ok, n)
     values["smact_validity"] = _rate(smact_ok, n)
     values["cdvae_validity"] = _rate(struct_ok & smact_ok, n)
-    for column, name in (("formula_hit", "formula_hit_rate"), ("spacegroup_hit", "spacegroup_hit_rate")):
-        values[name] = _rate(_true(df, column), n) if df[column].notna().any() else None
+    if prompt is not None and not isinstance(prompt, dict):
+        prompt = prompt.to_dict()  # an engine.prompts.Prompt
+    targets = prompt_targets(prompt)
+    for column, name, target in zip(("formula_hit", "spacegroup_hit"), ("formula_hit_rate", "spacegroup_hit_rate"),
+                                    targets):
+        asked = target is not None if prompt is not None else bool(df[column].notna().any())
+        values[name] = _rate(_true(df, column), n) if asked else None
     formulas = df.loc[parsed, "reduced_formula"].dropna()
     values["formula_counts"] = dict(sorted(Counter(formulas).items(), key=lambda kv: (-kv[1], kv[0])))
     values["distinct_formulas"] = int(formulas.nunique())

@@ -6,8 +6,10 @@ import argparse
 
 import numpy as np
 import pandas as pd
+import pytest
 from pymatgen.core import Lattice, Structure
 
+from engine.errors import InputError
 from engine.evaluate import add_cli, evaluate_sample_set, evaluate_texts
 from engine.fsutil import atomic_write_json, read_json
 from engine.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
@@ -126,3 +128,87 @@ def test_sample_set_folder_and_cli(tmp_path, golden_canonical):
         assert column in cli_table.columns
     assert list(cli_table["is_valid"]) == list(table["is_valid"])
     assert read_json(out.with_name("eval_summary.json"))["n"]["value"] == 4
+
+
+def _prompt_for(text: str) -> dict:
+    formula = text.splitlines()[0].removeprefix("data_")
+    return {"text": f"data_{formula}\n", "formula": formula, "z": None, "spacegroup": "Fm-3m", "label": formula}
+
+
+def test_hit_rates_are_k_over_n_even_when_nothing_parses(golden_canonical):
+    (_, text), (_, other) = _texts(golden_canonical, 2)
+    prompt = _prompt_for(text)
+    nothing = evaluate_texts([(f"cut{i}", text[:200]) for i in range(4)], prompt=prompt, workers=1, timeout_s=None)
+    assert list(nothing["formula_hit"]) == [False] * 4  # a sample that did not parse did not hit the prompt
+    a = set_metrics(nothing, prompt=prompt)
+    assert a["formula_hit_rate"]["value"] == 0.0 and a["spacegroup_hit_rate"]["value"] == 0.0
+    half = evaluate_texts([("h1", text), ("h2", text), ("o1", other), ("o2", other)], prompt=prompt, workers=1,
+                          timeout_s=None)
+    b = set_metrics(half, prompt=prompt)
+    assert b["formula_hit_rate"]["value"] == 0.5
+    # the macro-average counts the set where nothing parsed as 0, not as missing
+    assert macro_average([a, b])["formula_hit_rate"]["value"] == 0.25
+    # a prompt without a composition or space group has no hit rate, also when the table is passed alone
+    no_prompt = set_metrics(nothing, prompt={"text": "data_", "formula": None, "spacegroup": None})
+    assert no_prompt["formula_hit_rate"]["value"] is None and no_prompt["spacegroup_hit_rate"]["value"] is None
+    assert set_metrics(nothing)["formula_hit_rate"]["value"] == 0.0  # the rows say the samples missed
+
+
+def test_sample_set_uses_the_samplers_finished_flags(tmp_path, golden_canonical):
+    """A text cut at max_new_tokens is truncated and never written to processed/, even if it looks complete."""
+    folder = tmp_path / "set"
+    (folder / "raw").mkdir(parents=True)
+    (_, text), (_, other) = _texts(golden_canonical, 2)
+    body, last = text.rstrip("\n").rsplit("\n", 1)
+    malformed = f"{body}\n{last.split(' ', 1)[1]}\n\n"  # finished, but its last row lost a value
+    two_blocks = text.rstrip("\n") + "\n" + other[:120]  # ran on into a second block, then cut
+    for i, t in enumerate([text, text, malformed, two_blocks]):
+        (folder / "raw" / f"{i:04d}.txt").write_text(t)
+    flags = [True, False, True, False]
+    (folder / "samples.jsonl").write_text(
+        "".join(f'{{"name": "{i:04d}", "finished": {str(f).lower()}}}\n' for i, f in enumerate(flags))
+    )
+    atomic_write_json(folder / "config.json", {"prompt": _prompt_for(text)})
+    df, metrics = evaluate_sample_set(folder, workers=1, timeout_s=None)
+    assert list(df["failure_reason"].fillna("")) == ["", "truncated", "malformed", "truncated"]
+    assert "max_new_tokens" in df.loc[1, "failure_detail"] and "fewer than" in df.loc[2, "failure_detail"]
+    assert sorted(p.name for p in (folder / "processed").iterdir()) == ["0000.cif"]
+    assert metrics["formula_hit_rate"]["value"] == 0.25
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_refuses_a_folder_as_out_and_a_non_positive_timeout(tmp_path, golden_canonical):
+    src = tmp_path / "in.txt"
+    src.write_text(_texts(golden_canonical, 1)[0][1])
+    with pytest.raises(InputError, match="--out .* is a folder"):
+        _cli(["evaluate", str(src), "--out", str(tmp_path)])
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(InputError, match="--timeout .* must be a positive number of seconds"):
+            _cli(["evaluate", str(src), "--out", str(tmp_path / "e.csv"), "--timeout", bad])
+    assert not (tmp_path / "e.csv").exists()
+
+
+def test_cli_prints_every_set_metric_and_the_canonicalize_hint(tmp_path, golden_canonical, capsys):
+    """pymatgen P1 files of symmetric crystals are never valid as they are: the summary says to canonicalize."""
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    files = []
+    for i in range(2):
+        path = tmp_path / f"p1_{i}.cif"
+        s.to(filename=str(path))  # what Materials Project / pymatgen write: space group P 1
+        files.append(str(path))
+    assert _cli(["evaluate", *files, "--out", str(tmp_path / "e.csv"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    for name in METRIC_DEFINITIONS:
+        if name != "n":
+            assert f"  {name} " in err, name
+    assert "crystallab cif canonicalize" in err and "state space group P 1" in err
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    help_text = parser._subparsers._group_actions[0].choices["evaluate"].format_help()
+    assert "crystallab cif canonicalize" in " ".join(help_text.split())
