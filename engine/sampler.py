@@ -32,8 +32,9 @@ Constraints (optional, per step, vectorised over the batch by tracking each row'
 
 Sample sets (`sample_to_dir`, ``crystallab sample``): ``config.json`` (prompt, sampling parameters, checkpoint
 path/step/sha256/run, device, elapsed_s and tokens_per_s of generation), ``raw/NNNN.txt`` (full text, prompt
-included), ``processed/NNNN.cif`` (post-processed successes), ``samples.jsonl`` (per sample: index, n_new_tokens,
-finished, truncated_reason, postprocess_ok/reason/error). They are written into a hidden sibling folder renamed
+included), ``processed/NNNN.cif`` (post-processed successes; a text cut at ``max_new_tokens`` is recorded as a
+``truncated`` failure, never written there), ``samples.jsonl`` (per sample: index, n_new_tokens, finished,
+truncated_reason, postprocess_ok/reason/error). They are written into a hidden sibling folder renamed
 into place when complete; evaluation (``eval.csv``, ``eval_summary.json``) follows. The CLI draws ``--n`` samples
 per prompt: a reduced formula without ``--z`` gives one set per Z, in ``z1/``, ``z2/``, ... under ``--out``.
 """
@@ -46,6 +47,7 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -192,17 +194,27 @@ def _draw(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_
     return order.gather(-1, torch.minimum(pick, last)).squeeze(-1)
 
 
-def _check_params(n: int, temperature: float, top_k: int | None, top_p: float, max_new_tokens: int) -> None:
+def _check_params(
+    n: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int | None = None,
+) -> None:
     if n < 1:
         raise ConfigError(f"number of samples n = {n} must be at least 1")
-    if temperature < 0:
-        raise ConfigError(f"temperature = {temperature} must be >= 0 (0 means greedy decoding)")
+    # NaN passes every comparison and inf divides logits to NaN/0: both must be refused by name.
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature = {temperature} must be a finite number >= 0 (0 means greedy decoding)")
     if top_k is not None and top_k < 0:
         raise ConfigError(f"top_k = {top_k} must be >= 0 (0 or None switches top-k filtering off)")
-    if not 0.0 < top_p <= 1.0:
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p = {top_p} must be in (0, 1] (1 switches nucleus filtering off)")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens = {max_new_tokens} must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size = {batch_size} must be at least 1 (leave it unset for the default)")
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -252,7 +264,7 @@ def generate(
     Returns:
         ``n`` Generations in sample order.
     """
-    _check_params(n, temperature, top_k, top_p, max_new_tokens)
+    _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
     if not prompt_ids:
         raise PromptError("the prompt is empty: start it with data_ (the unconditional prompt)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -442,7 +454,7 @@ def sample_to_dir(
         CheckpointError, ConfigError, PromptError: as `load_model` and `generate`.
     """
     dev = resolve_device(device)
-    _check_params(n, temperature, top_k, top_p, max_new_tokens)
+    _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
     out = _free_target(out_dir)
     model, _ = load_model(ckpt, dev)
     return write_sample_set(
@@ -483,6 +495,7 @@ def write_sample_set(
     evaluate: bool,
     progress: Callable[[int, int], None] | None,
 ) -> Path:
+    _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
     allowed = (prompt.elements or None) if constrain else None
     batch_size = min(n, batch_size or DEFAULT_BATCH_SIZE)
     t0 = time.perf_counter()
@@ -519,7 +532,7 @@ def write_sample_set(
         for i, g in enumerate(gens):
             name = f"{i:0{width}d}"
             (tmp / "raw" / f"{name}.txt").write_text(g.text, encoding="utf-8")
-            result = postprocess(g.text)
+            result = postprocess(g.text, g.finished)  # a text cut at max_new_tokens is a failure, not a CIF
             if result.cif is not None:
                 (tmp / "processed" / f"{name}.cif").write_text(result.cif, encoding="utf-8")
             records.append({
@@ -559,13 +572,18 @@ def _out_root(args: argparse.Namespace, prompts: list[Prompt]) -> Path:
 
 def _summary_line(set_dir: Path) -> str:
     records = [json.loads(line) for line in (set_dir / "samples.jsonl").read_text().splitlines() if line]
+    cut = sum(not r["finished"] for r in records)
     parts = [
         f"n {len(records)}",
-        f"finished {sum(r['finished'] for r in records)}",
-        f"parse ok {sum(r['postprocess_ok'] for r in records)}",
+        f"finished {len(records) - cut}" + (f" ({cut} cut at --max-new-tokens: raise it)" if cut else ""),
+        f"post-processed {sum(r['postprocess_ok'] for r in records)}",
     ]
-    validity = (read_json(set_dir / "eval_summary.json") or {}).get("validity", {}).get("value")
-    if validity is not None:  # absent with --no-evaluate
+    metrics = read_json(set_dir / "eval_summary.json") or {}
+    parse_rate = metrics.get("parse_rate", {}).get("value")
+    validity = metrics.get("validity", {}).get("value")
+    if parse_rate is not None:  # absent with --no-evaluate
+        parts.append(f"parsed {round(parse_rate * len(records))}")
+    if validity is not None:
         parts.append(f"valid {validity:.1%}")
     config = read_json(set_dir / "config.json")
     parts.append(f"{config['tokens_per_s']} tokens/s")
@@ -577,7 +595,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     prompts = build_prompts(args.prompt, z=args.z, spacegroup=args.sg)
     dev = resolve_device(args.device)
-    _check_params(args.n, args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    _check_params(args.n, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.batch_size)
     root = _out_root(args, prompts)
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
     targets = [(p, _free_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]

@@ -173,7 +173,11 @@ def test_generation_runs_in_eval_mode_and_restores_training_mode():
     [
         (dict(n=0), ConfigError),
         (dict(n=1, temperature=-1.0), ConfigError),
+        (dict(n=1, temperature=float("nan")), ConfigError),
+        (dict(n=1, temperature=float("inf")), ConfigError),
         (dict(n=1, top_p=0.0), ConfigError),
+        (dict(n=1, top_p=float("nan")), ConfigError),
+        (dict(n=1, batch_size=0), ConfigError),
         (dict(n=1, max_new_tokens=0), ConfigError),
         (dict(n=1, allowed_elements=["Xx"]), PromptError),
     ],
@@ -245,7 +249,7 @@ def test_sample_to_dir_refuses_a_non_empty_folder_and_leaves_nothing_when_interr
     with pytest.raises(InputError, match="not empty"):
         sample_to_dir(ckpt, prompt, tmp_path / "busy", n=1, max_new_tokens=5, device="cpu", evaluate=False)
 
-    def interrupted(text):
+    def interrupted(text, finished=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sampler, "postprocess", interrupted)
@@ -278,3 +282,35 @@ def test_cli_finds_a_relative_checkpoint_under_the_runs_root(memorized, tmp_path
     assert rc == 0
     config = json.loads((runs / "samples" / "rel" / "config.json").read_text())
     assert config["checkpoint"]["path"] == str(runs / "train" / "r1" / "ckpt" / "best.pt")
+
+
+def test_a_text_cut_at_max_new_tokens_is_a_truncated_failure_and_never_a_processed_cif(memorized, tmp_path, capsys):
+    """Cut one token before its end, the memorized CIF looks complete, yet it was cut: no CIF, reason truncated."""
+    ckpt, record = memorized
+    formula = record["model_view"].split("\n", 1)[0].removeprefix("data_")
+    (prompt,) = build_prompts(formula)
+    budget = len(record["ids"]) - len(encode(prompt.text)) - 1  # stops before the final newline
+    rc = cli_main(["sample", "--ckpt", str(ckpt), "--prompt", formula, "--n", "2", "--temperature", "0",
+                   "--max-new-tokens", str(budget), "--out", str(tmp_path / "cut"), "--device", "cpu",
+                   "--no-evaluate"])
+    assert rc == 0
+    out = tmp_path / "cut"
+    assert (out / "raw" / "0000.txt").read_text() == record["decoded"][:-1]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(not r["finished"] and not r["postprocess_ok"] for r in records)
+    assert {r["postprocess_reason"] for r in records} == {"truncated"}
+    assert "max_new_tokens" in records[0]["postprocess_error"]
+    assert list((out / "processed").iterdir()) == []
+    line = capsys.readouterr().out
+    assert "post-processed 0" in line and "2 cut at --max-new-tokens: raise it" in line and "parse ok" not in line
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "nan"), ("--temperature", "inf"),
+                                             ("--batch-size", "0")])
+def test_cli_refuses_non_finite_temperature_and_zero_batch_size(memorized, tmp_path, capsys, flag, value):
+    ckpt, _ = memorized
+    rc = cli_main(["sample", "--ckpt", str(ckpt), "--prompt", "C2", "--n", "1", "--out", str(tmp_path / "x"),
+                   "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
