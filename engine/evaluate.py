@@ -480,8 +480,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Writes a CSV with one row per file and a summary JSON (<out>_summary.json, each metric with its "
             "definition) next to it, and prints every set metric. Validity compares the space group a CIF states "
-            "with the one detected at symprec 0.1, so reference CIFs written by pymatgen or Materials Project "
-            "(which state P 1) are never valid as they are: canonicalize each first "
+            "with the one detected at symprec 0.1. Reference CIFs written by pymatgen or Materials Project state "
+            "P 1, so a symmetric crystal in them is not valid as written: canonicalize each first "
             "(crystallab cif canonicalize FILE > canon/FILE, one file per CIF) and evaluate those files "
             "without --processed (--processed is for CIFs that already list every symmetry operator)."
         ),
@@ -491,5 +491,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", help="dataset folder or name under runs/data, for novelty")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-file time box in seconds, > 0 (default 30)")
-    p.add_argument("--processed", action="store_true", help="inputs are post-processed CIFs, not raw texts")
+    p.add_argument("--processed", action="store_true", help="inputs are post-processed CIFs (every symmetry "
+                   "operator listed), not raw texts or canonical CIFs")
     p.set_defaults(func=_run_cli)
