@@ -37,6 +37,10 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+MAX_BLOCK_SIZE = 8192
+"""Longest context a new model may have, in tokens (CrystaLLM large: 2048; CIFs rarely exceed ~1,000 tokens)."""
+BLOCK_SIZE_FACTOR = 8
+"""A new model's context may be at most this many times its preset's (tiny: 256 -> 2048 tokens)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class TrainConfig:
     n_embd: int | None = None
     """Residual-stream width, in channels."""
     block_size: int | None = None
-    """Context window, in tokens; on fine-tuning a smaller value crops the position table."""
+    """Context window, in tokens: new model 8 to 8x its preset's (max 8192); fine-tune: at most the checkpoint's."""
     dropout: float = 0.1
     """Dropout probability during training (CrystaLLM small: 0.1)."""
     bias: bool = False
@@ -235,20 +239,60 @@ def parse_key_value(item: str, example: str) -> tuple[str, Any]:
         return key, raw  # not YAML (e.g. "a: b: c"): keep the text as typed
 
 
+class _DuplicateKey(Exception):
+    """A mapping names one key twice (raised inside the YAML loader, reported with the file name)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(key)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping; PyYAML would silently keep the last."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden by design
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        except TypeError:  # an unhashable key: the mapping constructor reports it
+            break
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
-    """Read a YAML config file that must hold a mapping.
+    """Read a YAML config file that must hold a non-empty mapping with each key once.
 
     Raises:
-        ConfigError: the file is missing (``hint`` says where presets are), is not YAML, or is not a mapping.
+        ConfigError: the file is missing (``hint`` says where presets are), is not YAML, is empty, is not a
+            mapping, or gives a key twice (the message names the key and both lines).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist; {hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; name a YAML file ({hint})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: key {dup.key!r} is given twice (lines {dup.first_line} and {dup.line}); "
+                          "keep one of them") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if raw is None or raw == {}:
+        # An empty file would otherwise train the defaults (the small preset), which nobody asks for by accident.
+        raise ConfigError(f"{what} {path} is empty (no key: value lines); {hint}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of key: value lines, got {type(raw).__name__}")
     return raw
@@ -293,7 +337,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
         raise ConfigError(f"{source} must be a YAML mapping of key: value lines, got {type(raw).__name__}")
     raw = _translate_upstream(raw, source)
     if raw.get("init_from") == "resume" and raw.get("out_dir"):
-        raw = {**_saved_run_config(raw["out_dir"], source), **raw}
+        run, saved = _saved_run_config(str(raw["out_dir"]))
+        raw = {**saved, **raw, "out_dir": str(run)}  # resolved once here, so later steps cannot disagree
     hints = _hints()
     unknown = sorted(k for k in raw if k not in hints)
     if unknown:
@@ -314,12 +359,44 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
     return validate(config, source)
 
 
-def resolve_run_dir(out_dir: str | Path) -> Path:
-    """A run folder path: absolute as given, relative under the runs root's ``train/`` folder."""
+def _run_dir_candidates(out_dir: str | os.PathLike) -> list[Path]:
+    """The places a typed run folder may be, in the order they are tried (see `resolve_run_dir`)."""
     from engine.settings import get_settings
 
     path = Path(out_dir).expanduser()
-    return path if path.is_absolute() else get_settings().train_dir / path
+    if path.is_absolute():
+        return [path]
+    here, under_runs = (Path.cwd() / path).resolve(), get_settings().train_dir / path
+    return [under_runs, here] if len(path.parts) == 1 else [here, under_runs]
+
+
+def resolve_run_dir(out_dir: str | os.PathLike, *, existing: bool = False) -> Path:
+    """Where a run folder named on the command line (``--run-dir``, ``--resume``, ``out_dir``) lives.
+
+    - An absolute path (or ``~/...``) is taken as given.
+    - A bare name (``RUN``) is ``<runs>/train/RUN``, as a bare dataset name is ``<runs>/data/NAME``.
+    - A relative path with a folder part (``runs/train/RUN``, ``../elsewhere/RUN``) is a path from the current
+      folder. For an existing run (``existing``) it is looked up under ``<runs>/train/`` when the current folder
+      holds no such run, so the README's ``--resume runs/train/RUN``, typed in the checkout, ``--resume RUN`` and
+      an absolute path all name the same run.
+
+    Args:
+        out_dir: The path as typed.
+        existing: The folder should already hold a run (resume): the spelling that finds a ``config.yaml`` wins;
+            a bare name also finds a run folder in the current folder when ``<runs>/train/`` has none.
+
+    Returns:
+        An absolute path (it may not exist; the caller says what is missing).
+    """
+    candidates = _run_dir_candidates(out_dir)
+    if existing:
+        for candidate in candidates:
+            if (candidate / "config.yaml").exists():
+                return candidate
+        for candidate in candidates:
+            if candidate.exists():
+                return candidate  # not a run: the caller refuses it, naming this folder
+    return candidates[0]
 
 
 def resolve_ckpt_path(path: str | Path) -> Path:
@@ -330,17 +407,18 @@ def resolve_ckpt_path(path: str | Path) -> Path:
     return (p if p.is_absolute() else get_settings().runs_dir / p).resolve()
 
 
-def _saved_run_config(out_dir: str, source: str) -> dict[str, Any]:
-    """Resume: the interrupted run's own resolved config is the base that the given keys override."""
-    path = resolve_run_dir(out_dir) / "config.yaml"
+def _saved_run_config(out_dir: str) -> tuple[Path, dict[str, Any]]:
+    """Resume: (the run folder, its own resolved config), the base that the given keys override."""
+    run = resolve_run_dir(out_dir, existing=True)
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (FileNotFoundError, NotADirectoryError):
+        looked = " or ".join(str(p) for p in dict.fromkeys(_run_dir_candidates(out_dir)))
         raise ConfigError(
-            f"{source}: cannot resume {path.parent}: it has no config.yaml, so it is not a training run folder "
-            "(check out_dir / --resume)"
+            f"cannot resume {out_dir}: there is no training run folder (one with a config.yaml) at {looked}; "
+            "pass the run's folder (runs/train/RUN), its name (RUN) or an absolute path"
         ) from None
-    return {k: v for k, v in saved.items() if k in _hints()}
+    return run, {k: v for k, v in saved.items() if k in _hints()}
 
 
 def _fill_architecture(config: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -353,6 +431,20 @@ def _fill_architecture(config: TrainConfig, explicit: set[str]) -> TrainConfig:
     shape = PRESETS[name]
     fill = {k: getattr(shape, k) for k in ARCH_KEYS if k not in explicit or getattr(config, k) is None}
     return replace(config, preset=name, **fill)
+
+
+def max_new_block_size(preset: str | None) -> tuple[int, str]:
+    """(the longest context a new model of ``preset`` may have, in tokens; the rule, in words).
+
+    The rule: at most `BLOCK_SIZE_FACTOR` times the preset's context and never above `MAX_BLOCK_SIZE`, so a
+    typo such as ``block_size=100000`` is refused instead of building a position table bigger than the model.
+    """
+    from engine.model import PRESETS
+
+    name = preset if preset in PRESETS else "small"
+    base = PRESETS[name].block_size
+    limit = min(MAX_BLOCK_SIZE, BLOCK_SIZE_FACTOR * base)
+    return limit, (f"at most {BLOCK_SIZE_FACTOR}x the {name} preset's {base} and never above {MAX_BLOCK_SIZE}")
 
 
 def _check(ok: bool, message: str, source: str) -> None:
@@ -393,6 +485,12 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
         _check(value is None or value >= 1, f"{key} must be at least 1, got {value}", source)
     _check(c.block_size is None or c.block_size >= 8,
            f"block_size must be at least 8 tokens, got {c.block_size}", source)
+    if c.init_from == "scratch" and c.block_size is not None:
+        limit, why = max_new_block_size(c.preset)
+        _check(c.block_size <= limit,
+               f"block_size={c.block_size} is too long for a new model: choose 8 to {limit} tokens ({why}); "
+               "a CIF is rarely longer than ~1,000 tokens, and a longer context costs memory and time per step",
+               source)
     if c.n_embd is not None and c.n_head is not None:
         _check(c.n_embd % c.n_head == 0,
                f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); CrystaLLM uses n_embd = 64 * n_head",
@@ -447,10 +545,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         ConfigError: the file is missing or not YAML, or a key/value is refused (the message says which).
     """
     raw: dict[str, Any] = {}
-    source = "overrides"
+    source = "config"
     if path is not None:
         source = str(path)
-        raw = read_yaml_mapping(path, "config file", "see configs/ for presets")
+        raw = read_yaml_mapping(path, "config file", "start from a preset in configs/ (e.g. configs/tiny_cpu.yaml)")
     for item in overrides:
         key, value = parse_override(item)
         raw[key] = value

@@ -7,8 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import TrainConfig, dump_config, field_docs, load_config, parse_override
+from engine.config import (
+    TrainConfig,
+    dump_config,
+    field_docs,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+    resolve_run_dir,
+)
 from engine.errors import ConfigError
+from engine.settings import get_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TRAIN_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep_", "sample_")))
@@ -139,3 +148,69 @@ def test_every_training_preset_validates(path):
     assert cfg.max_iters == raw["max_iters"]
     if cfg.init_from == "scratch":
         assert cfg.n_embd % cfg.n_head == 0
+
+
+def _saved_run(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    saved = load_config(None, ["preset=tiny", "seed=7", "max_iters=50", "warmup_iters=5"])
+    (folder / "config.yaml").write_text(dump_config(saved))
+    return folder
+
+
+def test_resume_finds_the_run_by_readme_path_bare_name_or_absolute_path(tmp_path, monkeypatch):
+    runs = get_settings().runs_dir
+    run = _saved_run(runs / "train" / "r1")
+    monkeypatch.chdir(runs.parent)  # the checkout, where the README's runs/train/RUN is typed
+    spellings = [f"{runs.name}/train/r1", "r1", str(run)]
+    for typed in spellings:
+        cfg = load_config(None, ["init_from=resume", f"out_dir={typed}", "max_iters=80"])
+        assert Path(cfg.out_dir) == run and cfg.seed == 7, typed
+    monkeypatch.chdir(runs / "train")  # a path from the current folder wins over the runs root
+    assert Path(load_config(None, ["init_from=resume", "out_dir=./r1", "max_iters=80"]).out_dir) == run
+    monkeypatch.chdir(tmp_path)  # nothing here: a relative path is also looked up under <runs>/train/
+    assert Path(load_config(None, ["init_from=resume", "out_dir=r1", "max_iters=80"]).out_dir) == run
+
+
+def test_resume_of_a_missing_run_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["init_from=resume", "out_dir=runs/train/nothing"])
+    message = str(err.value)
+    assert message.startswith("cannot resume runs/train/nothing"), message  # not "overrides: ..."
+    assert str(tmp_path / "runs" / "train" / "nothing") in message
+    assert str(get_settings().train_dir / "runs" / "train" / "nothing") in message
+
+
+def test_a_new_run_folder_is_a_bare_name_under_the_runs_root_or_a_path_from_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir("myrun") == get_settings().train_dir / "myrun"
+    assert resolve_run_dir("runs/train/myrun") == tmp_path / "runs" / "train" / "myrun"
+    assert resolve_run_dir("/abs/run") == Path("/abs/run")
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# only a comment\n", "{}\n"):
+        with pytest.raises(ConfigError, match="is empty"):
+            load_config(_write(tmp_path, text))
+
+
+def test_a_key_given_twice_is_refused_with_the_key_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "max_iters: 5\nlearning_rate: 1e-3\nmax_iters: 7\n"))
+    assert "'max_iters'" in str(err.value) and "lines 1 and 3" in str(err.value)
+    # A key that overrides one brought in by a YAML merge key ("<<: *base") is meant, not a duplicate.
+    raw = read_yaml_mapping(_write(tmp_path, "base: &b {k: 1, j: 2}\nrun:\n  <<: *b\n  k: 3\n"), "config", "")
+    assert raw["run"] == {"k": 3, "j": 2}
+
+
+@pytest.mark.parametrize(
+    "overrides, limit",
+    [(["preset=tiny", "block_size=100000"], 2048), (["preset=tiny", "block_size=2049"], 2048),
+     (["block_size=8193"], 8192), (["preset=large", "block_size=9000"], 8192)],
+)
+def test_a_new_models_context_is_bounded(overrides, limit):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert f"choose 8 to {limit} tokens" in str(err.value), str(err.value)
+    ok = [o for o in overrides if not o.startswith("block_size")] + [f"block_size={limit}"]
+    assert load_config(None, ok).block_size == limit
