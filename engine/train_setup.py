@@ -11,6 +11,8 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,11 +154,30 @@ class Tracker:
         self.prev = tuple(state["prev"]) if state.get("prev") else None  # type: ignore[assignment]
 
 
-class SignalStop:
-    """SIGINT / SIGTERM set a flag instead of killing the process mid-step (main thread only)."""
+class StopRequested(KeyboardInterrupt):
+    """A stop (SIGINT, SIGTERM or a ``STOP`` file) arrived while the run was being set up: no step to finish.
 
-    def __init__(self) -> None:
+    A `KeyboardInterrupt` subclass, so code that catches `Exception` does not swallow it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SignalStop:
+    """SIGINT / SIGTERM end the run cleanly instead of killing it (main thread only; elsewhere a no-op).
+
+    While ``immediate`` (setup: building the model, opening the data, the step-0 evaluation, which can take
+    minutes on a large model) a signal raises `StopRequested` at once, so the run can record ``stopped`` and exit.
+    Inside `deferred` (the training loop, status writes) it only sets ``flag``: the loop finishes its step, saves
+    ``ckpt/last.pt`` and exits. A second Ctrl-C raises `KeyboardInterrupt` ("now").
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
         self.flag = False
+        self.reason: str | None = None
+        self.immediate = immediate
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> SignalStop:
@@ -166,11 +187,27 @@ class SignalStop:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.flag and signum == signal.SIGINT:
+        name = signal.Signals(signum).name
+        if self.flag and signum == signal.SIGINT and not self.immediate:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self.flag = True
-        log.warning("received %s: finishing this step, saving ckpt/last.pt and stopping",
-                    signal.Signals(signum).name)
+        self.flag, self.reason = True, self.reason or name
+        if self.immediate:
+            raise StopRequested(name)
+        log.warning("received %s: finishing this step, saving ckpt/last.pt and stopping", name)
+
+    @contextmanager
+    def deferred(self) -> Iterator[SignalStop]:
+        """Inside, a signal only sets ``flag`` (for work that must not be cut short, and the training loop)."""
+        before, self.immediate = self.immediate, False
+        try:
+            yield self
+        finally:
+            self.immediate = before
+
+    def raise_if_set(self) -> None:
+        """Raise `StopRequested` for a signal that arrived inside `deferred`."""
+        if self.flag:
+            raise StopRequested(self.reason or "a stop request")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():

@@ -13,7 +13,9 @@ Modes (``init_from``):
 Every evaluation (and the end, and a stop) writes ``ckpt/last.pt``; a validation improvement also makes it
 ``ckpt/best.pt``. Checkpoints are written atomically (temporary file + rename), so a kill at any moment leaves a
 loadable ``last.pt``. A ``STOP`` file in the run folder, SIGINT or SIGTERM make the trainer finish its step, save
-and exit with state ``stopped``. An exception leaves state ``failed`` with the error, and the last good checkpoint.
+and exit with state ``stopped``; before the first step (opening the data, building the model, the step-0
+evaluation) they end the run at once, also as ``stopped``, and the status says whether a checkpoint exists.
+An exception leaves state ``failed`` with the error, and the last good checkpoint.
 A dataset too small for the context is trained with shorter windows (`engine.batches.plan_context`); the run's
 log and ``status.json`` say so.
 
@@ -53,15 +55,17 @@ from engine.config import (
     resolve_ckpt_path,
     resolve_run_dir,
 )
-from engine.errors import ConfigError, CrystallabError
+from engine.errors import ConfigError, CrystallabError, InputError
 from engine.fsutil import sha256_file
 from engine.model import GPT, GPTConfig
 from engine.runs import RunFolder
+from engine.settings import get_settings
 from engine.train_setup import (
     RESUME_IDENTITY_KEYS,
     Dist,
     SignalStop,
     StopFlag,
+    StopRequested,
     Tracker,
     apply_freezing,
     lr_at,
@@ -70,6 +74,20 @@ from engine.train_setup import (
 )
 
 log = logging.getLogger("engine.trainer")
+
+
+def _process_start_time() -> float:
+    """When this process started, in seconds since the epoch (Linux ``/proc``; elsewhere: when this module loaded)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_PROCESS_STARTED = _process_start_time()  # a STOP file older than this was left by an earlier process
 
 
 def train(
@@ -90,25 +108,31 @@ def train(
     Raises:
         ConfigError: the config, dataset or checkpoint cannot be used together (nothing is trained).
         CheckpointError: ``init_ckpt`` cannot be loaded.
-        InputError: the dataset folder cannot be used.
+        InputError: the dataset folder or the run folder cannot be used.
+        StopRequested: SIGINT / SIGTERM arrived before the run folder existed (nothing was written). A stop
+            after that returns normally with state ``stopped``.
     """
     dist = Dist.from_env()
-    if dist.world_size > 1 and not torch.distributed.is_initialized():
-        use_nccl = torch.cuda.is_available() and config.device != "cpu"
-        torch.distributed.init_process_group(backend="nccl" if use_nccl else "gloo")
-    session = _Session(config, run_dir, dist, stop_event, progress)
-    try:
-        return session.run()
-    finally:
-        session.close()
+    # Signals are caught from the start: a stop while the data opens, the model builds or the step-0 evaluation
+    # runs (minutes on a large model) must end as "stopped", not kill the process under a "running" status.
+    with SignalStop(immediate=True) as signals:
+        if dist.world_size > 1 and not torch.distributed.is_initialized():
+            use_nccl = torch.cuda.is_available() and config.device != "cpu"
+            torch.distributed.init_process_group(backend="nccl" if use_nccl else "gloo")
+        session = _Session(config, run_dir, dist, stop_event, progress, signals)
+        try:
+            return session.run()
+        finally:
+            session.close()
 
 
 class _Session:
     """One training process: sources, model, optimizer, samplers and the run folder it reports to."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None, dist: Dist, stop_event: StopFlag | None,
-                 progress: bool) -> None:
+                 progress: bool, signals: SignalStop) -> None:
         self.dist, self.main, self.stop_event, self.progress = dist, dist.is_main, stop_event, progress
+        self.signals, self.phase = signals, "setup"
         self.device = resolve_device(config, dist)
         self.dtype = resolve_dtype(config, self.device)
         if config.cpu_threads is not None:
@@ -129,11 +153,7 @@ class _Session:
         config, self.run_folder, self.ckpt, self.parent = _resolve_sources(config, run_dir, dist)
         self.resuming = config.init_from == "resume"
         if self.resuming and self.main:
-            recorded = (getattr(self.ckpt, "meta", None) or {}).get("data_fingerprint")
-            if recorded and recorded != self.ds.fingerprint:
-                raise ConfigError(f"the dataset {self.ds.path} changed since {config.out_dir} started (its token "
-                                  "fingerprint differs), so the run cannot continue exactly; fine-tune from its "
-                                  "ckpt/last.pt instead")
+            _check_resume_data(config, self.ckpt, self.ds)
         self.plan: ContextPlan = plan_context(config.block_size, len(self.ds.train), len(self.ds.val),
                                               can_lower_model=config.init_from == "scratch")
         self.config = replace(config, block_size=self.plan.model_block_size)
@@ -208,6 +228,8 @@ class _Session:
         for split, sampler in self.eval_samplers.items():
             losses = []
             for k in range(self.config.eval_iters):
+                if self.signals.immediate:
+                    self._stop_during_setup()  # the step-0 evaluation of a large model can take minutes
                 x, y = sampler.batch("eval", split, k, device=self.device)
                 with self.autocast:
                     losses.append(self.fwd(x, y)[1].float())
@@ -248,6 +270,16 @@ class _Session:
                         best_val_loss=self.tracker.best if math.isfinite(self.tracker.best) else None,
                         config=self.config.to_dict(), meta=meta, extra=extra)
         return path
+
+    def _stop_during_setup(self) -> None:
+        """Raise `StopRequested` for a signal caught in a status write, or a ``STOP`` file written during setup.
+
+        ``stop_event`` is left to the loop (checked once per step). With several processes only signals count
+        here: rank 0 alone reads the ``STOP`` file, and leaving alone would hang the others in a collective.
+        """
+        self.signals.raise_if_set()
+        if self.main and self.dist.world_size == 1 and self.run_folder.stop_requested():
+            raise StopRequested("a STOP request")
 
     def stop_requested(self, signals: SignalStop) -> bool:
         flag = signals.flag or bool(self.stop_event and self.stop_event.is_set())
@@ -295,80 +327,117 @@ class _Session:
         self.started = time.time()
         run, c = self.run_folder, self.config
         if self.main:
-            if not self.resuming:
-                run.write_config(dump_config(c))
-            run.write_env(str(self.device), dtype=self.dtype, world_size=self.dist.world_size)
-            run.clear_stop()
-            run.write_status(state="running", step=None, max_steps=c.max_iters, pid=os.getpid(),
-                             host=socket.gethostname(), device=str(self.device), error=None, warning=None,
-                             message=self.plan.message or f"{c.init_from} run started")
-            log.info("%s run in %s on %s (%s)", c.init_from, run.path, self.device, self.dtype)
-            if self.plan.message:
-                log.warning("%s", self.plan.message)
+            with self.signals.deferred():  # the first status is written whole before a stop can be recorded in it
+                if not self.resuming:
+                    run.write_config(dump_config(c))
+                run.write_env(str(self.device), dtype=self.dtype, world_size=self.dist.world_size)
+                _clear_stale_stop(run)
+                run.write_status(state="running", step=None, max_steps=c.max_iters, pid=os.getpid(),
+                                 host=socket.gethostname(), device=str(self.device), error=None, warning=None,
+                                 message=self.plan.message or f"{c.init_from} run started")
+                log.info("%s run in %s on %s (%s)", c.init_from, run.path, self.device, self.dtype)
+                if self.plan.message:
+                    log.warning("%s", self.plan.message)
         try:
+            self._stop_during_setup()
+            self.phase = "the model build"
             self._build()
+            self._stop_during_setup()
             if self.main:
                 run.write_status(step=self.start_step)
             self._loop()
         except BaseException as exc:
             if self.main:
-                stopped = isinstance(exc, KeyboardInterrupt)
-                error = str(exc) if isinstance(exc, CrystallabError) else f"{type(exc).__name__}: {exc}"
-                run.write_status(state="stopped" if stopped else "failed", error=None if stopped else error,
-                                 message="interrupted mid-step; the last checkpoint is kept" if stopped
-                                 else f"training failed: {error}")
-                log.error("training %s: %s", "interrupted" if stopped else "failed", error)
+                with self.signals.deferred():
+                    self._record_end(exc)
+            if isinstance(exc, StopRequested):
+                return run.path if run is not None else Path(c.out_dir)  # type: ignore[arg-type]
             raise
         return run.path if run is not None else Path(c.out_dir)  # type: ignore[arg-type]
 
-    def _loop(self) -> None:
-        from tqdm import tqdm
+    def _record_end(self, exc: BaseException) -> None:
+        """Rank 0: write the final status and log line of a run that stopped or failed by exception."""
+        run = self.run_folder
+        if not isinstance(exc, KeyboardInterrupt):
+            error = str(exc) if isinstance(exc, CrystallabError) else f"{type(exc).__name__}: {exc}"
+            run.write_status(state="failed", error=error, message=f"training failed: {error}")
+            log.error("training failed: %s", error)
+            return
+        if isinstance(exc, StopRequested):
+            what = f"stopped on request ({exc.reason}) during {self.phase}"
+        else:
+            what = "interrupted mid-step (a second Ctrl-C)"
+        last = run.ckpt_dir / "last.pt"
+        if last.exists():
+            step = run.read_status().get("last_ckpt_step")
+            kept = (f"ckpt/last.pt{f' (step {step})' if step is not None else ''} is kept; continue with "
+                    f"`crystallab train --resume {run.path}`")
+        else:
+            kept = (f"no checkpoint was written yet, so nothing was saved; to start again, delete {run.path} or "
+                    "choose another --run-dir")
+        run.clear_stop()
+        run.write_status(state="stopped", error=None, message=f"{what}; {kept}")
+        log.warning("%s; %s", what, kept)
 
+    def _loop(self) -> None:
         c, run = self.config, self.run_folder
         step = self.start_step
-        saved_at = step if self.resuming else None
-        state, self.message = "completed", f"finished {c.max_iters} steps"
+        self.message = f"finished {c.max_iters} steps"
         if self.main and self.resuming:
             run.log_metrics(event="resume", step=step)
             log.info("resuming at step %d of %d", step, c.max_iters)
         if self.main and not self.resuming and "val" in self.eval_samplers:
+            self.phase = "the step-0 evaluation"
             losses = self.estimate()  # the starting point: for a fine-tune, the source model's losses
             run.log_metrics(step=0, split="val", loss=losses["val"], train_loss=losses["train"], lr=0.0,
                             elapsed_s=time.time() - self.started)
             log.info("step 0: train %.4f, val %.4f", losses["train"], losses["val"])
+            self._stop_during_setup()
+        self.phase = "training"
+        with self.signals.deferred():  # from here a stop finishes its step, saves ckpt/last.pt and exits
+            self._train_steps(step)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def _train_steps(self, step: int) -> None:
+        """Steps from ``step`` to ``max_iters`` (or a stop), then the final checkpoint and status."""
+        from tqdm import tqdm
+
+        c, run = self.config, self.run_folder
+        saved_at = step if self.resuming else None
+        state = "completed"
         bar = tqdm(total=c.max_iters, initial=step, disable=not (self.progress and self.main), unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         t_log, tokens = time.perf_counter(), 0
-        with SignalStop() as signals:
-            while step < c.max_iters:
-                loss_sum, grad_norm, lr = self.train_step(step)
-                step += 1
-                tokens += self.tokens_per_step
-                bar.update(1)
-                if step % c.log_interval == 0 or step == c.max_iters:
-                    if self.dist.world_size > 1:
-                        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-                    loss = loss_sum.item()
-                    if not math.isfinite(loss):
-                        raise ConfigError(f"the training loss became {loss} at step {step}; lower learning_rate "
-                                          "or use dtype bfloat16 / float32")
-                    if self.main:
-                        run.log_metrics(step=step, split="train", loss=loss, lr=lr,
-                                        tokens_per_s=tokens / (time.perf_counter() - t_log),
-                                        grad_norm=float(grad_norm), elapsed_s=time.time() - self.started)
-                        run.write_status(step=step)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    t_log, tokens = time.perf_counter(), 0
-                stop_now = self.stop_requested(signals)
-                if step % c.eval_interval == 0 or step == c.max_iters:
-                    saved_at = step
-                    if self.evaluate_and_save(step, lr):
-                        break
-                    t_log, tokens = time.perf_counter(), 0  # tokens/s measures training, not evaluation
-                if stop_now:
-                    state, self.message = "stopped", f"stopped on request at step {step}"
-                    self._info("%s", self.message)
+        while step < c.max_iters:
+            loss_sum, grad_norm, lr = self.train_step(step)
+            step += 1
+            tokens += self.tokens_per_step
+            bar.update(1)
+            if step % c.log_interval == 0 or step == c.max_iters:
+                if self.dist.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                loss = loss_sum.item()
+                if not math.isfinite(loss):
+                    raise ConfigError(f"the training loss became {loss} at step {step}; lower learning_rate "
+                                      "or use dtype bfloat16 / float32")
+                if self.main:
+                    run.log_metrics(step=step, split="train", loss=loss, lr=lr,
+                                    tokens_per_s=tokens / (time.perf_counter() - t_log),
+                                    grad_norm=float(grad_norm), elapsed_s=time.time() - self.started)
+                    run.write_status(step=step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                t_log, tokens = time.perf_counter(), 0
+            stop_now = self.stop_requested(self.signals)
+            if step % c.eval_interval == 0 or step == c.max_iters:
+                saved_at = step
+                if self.evaluate_and_save(step, lr):
                     break
+                t_log, tokens = time.perf_counter(), 0  # tokens/s measures training, not evaluation
+            if stop_now:
+                state, self.message = "stopped", f"stopped on request at step {step}"
+                self._info("%s", self.message)
+                break
         bar.close()
         if self.main:
             if saved_at != step:
@@ -378,8 +447,6 @@ class _Session:
             note = f"; {self.plan.message}" if self.plan.message else ""
             run.write_status(state=state, step=step, message=self.message + note)
             log.info("%s; checkpoints in %s", self.message, run.ckpt_dir)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,14 +484,20 @@ def _resolve_sources(config: TrainConfig, run_dir: str | Path | None,
     return config, run, ckpt, parent
 
 
-def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConfig, RunFolder, Any, dict | None]:
-    """Rank 0: resolve the run folder, the source checkpoint and the model shape."""
+def _prepare(config: TrainConfig, run_dir: str | Path | None, *,
+             create: bool = True) -> tuple[TrainConfig, RunFolder, Any, dict | None]:
+    """Rank 0: resolve the run folder, the source checkpoint and the model shape.
+
+    Args:
+        create: Create the new run folder; false (``--check``) only checks that it could be created. A new run
+            without ``run_dir`` / ``out_dir`` then gets a placeholder ``<runs>/train/<time>-<name>`` path.
+    """
     if config.init_from == "resume":
-        run = RunFolder(resolve_run_dir(run_dir or config.out_dir))  # type: ignore[arg-type]
+        run = RunFolder(resolve_run_dir(run_dir or config.out_dir, existing=True))  # type: ignore[arg-type]
         last = run.ckpt_dir / "last.pt"
         if not last.exists():
-            raise ConfigError(f"cannot resume {run.path}: it has no ckpt/last.pt (the run never saved); "
-                              "start it again instead")
+            raise ConfigError(f"cannot resume {run.path}: it has no ckpt/last.pt (the run stopped before its first "
+                              "checkpoint); start a new run instead (delete this folder or choose another --run-dir)")
         saved = run.config()
         changed = [k for k in RESUME_IDENTITY_KEYS if k in saved and saved[k] != getattr(config, k)]
         if changed:
@@ -433,7 +506,7 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConf
                 f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
                 "Fine-tune from its ckpt/last.pt instead"
             )
-        ckpt = load_checkpoint(last)
+        ckpt = load_checkpoint(last, mmap=not create)
         if int(ckpt.iter_num) >= config.max_iters:
             raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
                               f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
@@ -444,30 +517,125 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None) -> tuple[TrainConf
     if config.init_from == "finetune":
         src = resolve_ckpt_path(config.init_ckpt)  # type: ignore[arg-type]
         ckpt = load_checkpoint(src, mmap=True)  # only the weights are read: the source's AdamW state stays on disk
-        shape = GPTConfig.from_model_args(ckpt.model_args)
-        wrong = [k for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) not in (None, getattr(shape, k))]
-        if wrong:
-            raise ConfigError(
-                f"{src} has {', '.join(f'{k}={getattr(shape, k)}' for k in wrong)}; a fine-tune keeps the "
-                f"checkpoint's shape, so remove {', '.join(wrong)} from the config"
-            )
-        if config.block_size is not None and config.block_size > shape.block_size:
-            raise ConfigError(f"block_size={config.block_size} exceeds the context of {src} ({shape.block_size}); "
-                              "a fine-tune can keep or crop it, not extend it")
-        config = replace(config, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias,
-                         block_size=config.block_size or shape.block_size)
+        config = _finetune_shape(config, ckpt, src)
         parent = {"path": str(src), "sha256": sha256_file(src), "step": int(ckpt.iter_num),
                   "run": (getattr(ckpt, "meta", None) or {}).get("run")}
     target = run_dir or config.out_dir
     if target is not None:
         run = RunFolder(resolve_run_dir(target))
-        if run.config_path.exists():
-            raise ConfigError(f"{run.path} already holds a run; choose another out_dir, or continue it with "
-                              f"`crystallab train --resume {run.path}`")
-        run.path.mkdir(parents=True, exist_ok=True)
+        _check_new_run_dir(run.path, target)
+        if create:
+            try:
+                run.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot create the run folder {run.path} ({exc.strerror}); choose another "
+                                 "--run-dir / out_dir") from None
+    elif create:
+        run = RunFolder.create(config.name, root=get_settings().train_dir)
     else:
-        run = RunFolder.create(config.name, root=resolve_run_dir("."))
+        return config, RunFolder(get_settings().train_dir / f"<YYYYmmdd-HHMMSS>-{config.name}"), ckpt, parent
     return replace(config, out_dir=str(run.path)), run, ckpt, parent
+
+
+def _finetune_shape(config: TrainConfig, ckpt: Any, src: Path) -> TrainConfig:
+    """A fine-tune keeps the checkpoint's shape and may crop, never extend, its context.
+
+    Raises:
+        ConfigError: the config names another shape, or a ``block_size`` above the checkpoint's (in tokens).
+    """
+    shape = GPTConfig.from_model_args(ckpt.model_args)
+    wrong = [k for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) not in (None, getattr(shape, k))]
+    if wrong:
+        raise ConfigError(
+            f"{src} has {', '.join(f'{k}={getattr(shape, k)}' for k in wrong)}; a fine-tune keeps the "
+            f"checkpoint's shape, so remove {', '.join(wrong)} from the config"
+        )
+    if config.block_size is not None and config.block_size > shape.block_size:
+        raise ConfigError(f"block_size={config.block_size} exceeds the context of {src} ({shape.block_size} tokens); "
+                          f"a fine-tune can keep or crop it, not extend it: choose 8 to {shape.block_size}")
+    return replace(config, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias,
+                   block_size=config.block_size or shape.block_size)
+
+
+def _check_new_run_dir(path: Path, typed: str | Path) -> None:
+    """Refuse a new run's folder that is a file, lies under a file, or already holds a run."""
+    named = f"run folder {typed}" + (f" ({path})" if Path(typed) != path else "")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{named} is a file, not a folder; choose another --run-dir / out_dir")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{named} lies under {parent}, which is a file; choose another --run-dir / out_dir")
+            break
+    if (path / "config.yaml").exists():
+        if (path / "ckpt" / "last.pt").exists():
+            raise ConfigError(f"{path} already holds a run; choose another out_dir, or continue it with "
+                              f"`crystallab train --resume {path}`")
+        raise ConfigError(f"{path} already holds a run that stopped before its first checkpoint; delete that "
+                          "folder to start it again, or choose another out_dir")
+
+
+def _check_resume_data(config: TrainConfig, ckpt: Any, ds: Any) -> None:
+    """A resumed run must read the tokens it started with, or its batches would not line up."""
+    recorded = (getattr(ckpt, "meta", None) or {}).get("data_fingerprint")
+    if recorded and recorded != ds.fingerprint:
+        raise ConfigError(f"the dataset {ds.path} changed since {config.out_dir} started (its token "
+                          "fingerprint differs), so the run cannot continue exactly; fine-tune from its "
+                          "ckpt/last.pt instead")
+
+
+def _clear_stale_stop(run: RunFolder) -> None:
+    """Remove a ``STOP`` left by an earlier, killed process; keep one written for this run while it started.
+
+    The dashboard's stop button may write ``STOP`` while the run is still starting; that request must hold.
+    """
+    try:
+        stale = run.stop_path.stat().st_mtime < _PROCESS_STARTED
+    except FileNotFoundError:
+        return
+    if stale:
+        run.clear_stop()
+
+
+def check_config(config: TrainConfig, run_dir: str | Path | None = None) -> tuple[TrainConfig, list[str]]:
+    """What `train` would refuse, found without training or writing anything (``crystallab train --check``).
+
+    Opens the dataset (exists, vocabulary, token ids) and the checkpoint to start from (readable with
+    ``weights_only``, same vocabulary, weights that match its shape, its context in tokens), checks the run
+    folder and the device, and resolves the model shape and context the run would use.
+
+    Returns:
+        (the config the run would write to ``config.yaml``, notes for the user: dataset, start, folder, device).
+
+    Raises:
+        ConfigError, CheckpointError, InputError: as `train` would at its start.
+    """
+    from engine.datasets import load_token_dataset, resolve_dataset_dir
+
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    notes: list[str] = []
+    ds_path = resolve_dataset_dir(config.dataset)
+    ds = None
+    if config.dataset == "builtin" and not ds_path.exists():
+        notes.append(f"dataset: {ds_path} is not built yet; the run builds the built-in corpus first (minutes, once)")
+    else:
+        ds = load_token_dataset(ds_path)
+        notes.append(f"dataset: {ds.path} ({len(ds.train):,} training and {len(ds.val):,} validation tokens)")
+    config, run, ckpt, parent = _prepare(config, run_dir, create=False)
+    if parent is not None:
+        notes.append(f"starts from: {parent['path']} (step {parent['step']})")
+    if ds is not None:
+        if config.init_from == "resume":
+            _check_resume_data(config, ckpt, ds)
+        plan = plan_context(config.block_size, len(ds.train), len(ds.val),
+                            can_lower_model=config.init_from == "scratch")
+        config = replace(config, block_size=plan.model_block_size)
+        if plan.message:
+            notes.append(f"context: {plan.message}")
+    notes.append(f"run folder: {run.path}" + ("" if config.init_from == "resume" else " (new)"))
+    notes.append(f"device: {device} ({dtype})")
+    return config, notes
 
 
 def _attach_log(run: RunFolder | None) -> list[logging.Handler]:
@@ -525,9 +693,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("give a config file (see configs/) or --resume RUN_DIR")
     config = load_config(args.config, overrides)
     if args.check:
+        config, notes = check_config(config)
         print(dump_config(config), end="")
+        print("".join(f"# {note}\n" for note in notes), end="")
         return 0
-    path = train(config, progress=not args.no_progress)
+    try:
+        path = train(config, progress=not args.no_progress)
+    except StopRequested as stop:
+        print(f"stopped on request ({stop.reason}) before the run folder was written; nothing was saved",
+              file=sys.stderr)
+        return 130
     if not Dist.from_env().is_main:
         return 0
     status = RunFolder(path).read_status()
@@ -546,9 +721,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key (repeatable); the value is read as YAML: compile=false, learning_rate=3e-4")
-    p.add_argument("--run-dir", help="run folder to write (default runs/train/<time>-<name>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its ckpt/last.pt")
-    p.add_argument("--check", action="store_true", help="validate and print the resolved config; do not train")
+    p.add_argument("--run-dir", help="run folder to write: a bare name is <runs>/train/NAME, a path with a folder "
+                   "part is taken from the current folder (default <runs>/train/<time>-<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its ckpt/last.pt: its "
+                   "folder (runs/train/RUN from the checkout, or an absolute path) or its name (RUN)")
+    p.add_argument("--check", action="store_true", help="validate without training: open the dataset and the "
+                   "checkpoint to start from, check the run folder, print the resolved config")
     p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

@@ -24,6 +24,7 @@ from engine.errors import ConfigError, CrystallabError
 from engine.fsutil import sha256_file
 from engine.model import GPT, GPTConfig
 from engine.runs import RunFolder
+from engine.settings import get_settings
 from engine.train_setup import Tracker, lr_at
 from engine.trainer import train
 
@@ -335,3 +336,136 @@ def test_cli_trains_and_check_prints_the_resolved_config(nacl10, tmp_path, capsy
     assert load_checkpoint(tmp_path / "run" / "ckpt" / "last.pt").iter_num == 2
     assert main(["train", str(cfg), "--set", "n_embd=33"]) == 2  # readable error, exit status 2
     assert "divisible" in capsys.readouterr().err
+
+
+EARLY_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    from engine import trainer
+    from engine.cli import main
+
+    config, run, phase = sys.argv[1:4]
+    build, estimate, open_dataset = trainer._Session._build, trainer._Session.estimate, trainer._open_dataset
+
+    def slow(name, real):
+        def wrapper(*args, **kwargs):
+            if phase == name:
+                print(name.upper(), flush=True)
+                time.sleep(120)  # the parent's signal lands here
+            return real(*args, **kwargs)
+        return wrapper
+
+    trainer._Session._build = slow("build", build)
+    trainer._open_dataset = slow("data", open_dataset)
+
+    def announce(self):
+        if phase == "eval":
+            print("EVAL", flush=True)  # eval_iters is huge: the step-0 evaluation is still running when signalled
+        return estimate(self)
+
+    trainer._Session.estimate = announce
+    sys.exit(main(["train", config, "--run-dir", run, "--no-progress"]))
+    """
+)
+
+
+@pytest.mark.parametrize("phase, sig", [("status", signal.SIGTERM), ("data", signal.SIGTERM),
+                                        ("build", signal.SIGTERM), ("eval", signal.SIGINT)])
+def test_a_stop_before_the_first_step_ends_as_stopped(nacl10, tmp_path, phase, sig):
+    script, cfg, run = tmp_path / "child.py", tmp_path / "c.yaml", tmp_path / "run"
+    script.write_text(EARLY_CHILD)
+    cfg.write_text(f"dataset: {nacl10}\nn_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\nbatch_size: 2\n"
+                   f"eval_iters: {10**7 if phase == 'eval' else 1}\nwarmup_iters: 0\nmax_iters: 5\ndevice: cpu\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(cfg), str(run), phase], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        if phase == "status":
+            deadline = time.time() + 120
+            while time.time() < deadline and not (run / "status.json").exists():
+                time.sleep(0.01)
+        else:
+            assert proc.stdout.readline().strip() == phase.upper(), proc.stderr.read()[-2000:]
+            time.sleep(0.5 if phase == "eval" else 0.1)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    if phase == "data":  # before the run folder exists: nothing to record, and the CLI says so
+        assert rc == 130 and "nothing was saved" in err and not (run / "status.json").exists(), err[-2000:]
+        return
+    assert rc == 0, err[-2000:]
+    status = RunFolder(run).read_status()
+    assert status["state"] == "stopped", status
+    assert f"stopped on request ({sig.name})" in status["message"] and "no checkpoint" in status["message"]
+    if phase == "eval":
+        assert "step-0 evaluation" in status["message"]
+    assert f"stopped on request ({sig.name})" in (run / "log.txt").read_text()
+    assert not (run / "ckpt" / "last.pt").exists()
+
+
+class _NotATensor:
+    """Pickled into a checkpoint, it makes the file unreadable with ``weights_only=True`` (as a code-running one)."""
+
+
+def test_check_refuses_what_the_run_would_refuse_without_writing(nacl10, tmp_path, capsys):
+    from engine.cli import main
+
+    src = _source_checkpoint(tmp_path / "src.pt", block_size=128)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": {}, "model_args": {}, "payload": _NotATensor()}, unsafe)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("not a folder")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("device: cpu\nwarmup_iters: 0\n")
+    finetune = [f"dataset={nacl10}", "init_from=finetune"]
+    cases = [
+        ([f"dataset={tmp_path / 'nothing'}", *TINY], "nothing"),
+        ([*finetune, f"init_ckpt={unsafe}"], "unsafe.pt"),
+        ([*finetune, f"init_ckpt={src}", "block_size=1024"], "choose 8 to 128"),
+        ([f"dataset={nacl10}", *TINY, f"out_dir={a_file}"], "is a file"),
+        ([f"dataset={nacl10}", *TINY, f"out_dir={a_file / 'run'}"], "which is a file"),
+    ]
+
+    def check(overrides: list[str]) -> int:
+        return main(["train", str(cfg), "--check", *(x for o in overrides for x in ("--set", o))])
+
+    for overrides, words in cases:
+        assert check(overrides) == 2, overrides
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert check([*finetune, f"init_ckpt={src}", "block_size=64", f"out_dir={tmp_path / 'ft'}"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layer: 2" in out and "block_size: 64" in out and f"# starts from: {src}" in out
+    assert not (tmp_path / "ft").exists(), "--check writes nothing"
+
+
+def test_a_run_dir_that_is_a_file_is_a_one_line_error(nacl10, tmp_path, capsys):
+    from engine.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {nacl10}\nn_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\nmax_iters: 1\n"
+                   "warmup_iters: 0\ndevice: cpu\n")
+    (tmp_path / "taken.cif").write_text("data_x\n")
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "taken.cif"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run folder") and "is a file" in err and "Traceback" not in err
+
+
+def test_cli_resumes_by_the_readme_path_a_bare_name_or_an_absolute_path(nacl10, tmp_path, monkeypatch, capsys):
+    from engine.cli import main
+
+    runs = get_settings().runs_dir
+    part = train(_cfg(nacl10, "block_size=32", "max_iters=4", "eval_interval=2"), run_dir="part", progress=False,
+                 stop_event=StopAfter(2))
+    assert part == runs / "train" / "part" and load_checkpoint(part / "ckpt" / "last.pt").iter_num == 2
+    monkeypatch.chdir(runs.parent)  # the checkout: runs/train/RUN as the README types it
+    for typed in (f"{runs.name}/train/part", "part", str(part)):
+        assert main(["train", "--resume", typed, "--check"]) == 0, capsys.readouterr().err
+        assert f"out_dir: {part}" in capsys.readouterr().out
+    assert main(["train", "--resume", f"{runs.name}/train/part", "--no-progress"]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert load_checkpoint(part / "ckpt" / "last.pt").iter_num == 4
