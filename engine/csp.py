@@ -185,13 +185,15 @@ def _matcher():
     return _MATCHER_OBJ
 
 
-def score_candidate(text: str, target_cif: str, max_sites: int = 500) -> dict[str, Any]:
+def score_candidate(text: str, target_cif: str, max_sites: int = 500, finished: bool | None = None) -> dict[str, Any]:
     """Post-process one generated text, check CDVAE validity and match it against the target.
 
     Args:
         text: Raw generated text (prompt included).
         target_cif: The target's CIF.
         max_sites: Cells with more sites after symmetry expansion are rejected before matching.
+        finished: Whether generation reached the CIF end (False: cut at the token budget, a ``truncated``
+            failure); None judges from the text alone.
 
     Returns:
         ``postprocess_ok``, ``failure_reason`` (None, ``truncated``, ``postprocess_failed``, a parse category or
@@ -203,12 +205,14 @@ def score_candidate(text: str, target_cif: str, max_sites: int = 500) -> dict[st
     from engine.postprocess import postprocess
 
     row: dict[str, Any] = {
-        "postprocess_ok": False, "failure_reason": None, "n_sites": None, "reduced_formula": None,
-        "struct_valid": None, "comp_valid": None, "valid": False, "rms": None, "matched": False,
+        "finished": finished, "postprocess_ok": False, "failure_reason": None, "n_sites": None,
+        "reduced_formula": None, "struct_valid": None, "comp_valid": None, "valid": False, "rms": None,
+        "matched": False,
     }  # fmt: skip
-    result = postprocess(text)
+    result = postprocess(text, finished)
     if result.cif is None:
-        row["failure_reason"] = "truncated" if result.reason == "truncated" else "postprocess_failed"
+        row["failure_reason"] = result.reason if result.reason in ("truncated", "malformed", "several_blocks") \
+            else "postprocess_failed"
         return row
     row["postprocess_ok"] = True
     try:
@@ -491,6 +495,7 @@ def run_csp(
         for start in range(0, len(todo), CHUNK_TARGETS):
             chunk = todo[start : start + CHUNK_TARGETS]
             texts: list[list[str]] = []
+            ends: list[list[bool]] = []
             for t in chunk:
                 gens = generate(
                     model, encode(t.prompt_text), n=k, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -498,8 +503,10 @@ def run_csp(
                     allowed_elements=t.elements if constrain else None, constrain_spacegroup=constrain, device=dev,
                 )
                 texts.append([g.text for g in gens])
+                ends.append([g.finished for g in gens])
             tasks = [
-                (i * k + j, text, t.cif, max_sites) for i, t in enumerate(chunk) for j, text in enumerate(texts[i])
+                (i * k + j, text, t.cif, max_sites, ends[i][j])
+                for i, t in enumerate(chunk) for j, text in enumerate(texts[i])
             ]
             rows = run_pool(score_candidate, tasks, workers, timeout_s)
             for i, t in enumerate(chunk):

@@ -47,6 +47,10 @@ def test_score_candidate_rejects_other_structures_overlaps_and_garbage(shared_di
     row = score_candidate(structure_to_model_view(crushed), CifWriter(crushed).__str__())
     assert row["struct_valid"] is False and not row["valid"] and not row["matched"]
 
+    perfect = structure_to_model_view(Structure.from_str(target_cif, fmt="cif"))
+    cut = score_candidate(perfect, target_cif, finished=False)  # the sampler stopped it at its token budget
+    assert cut["failure_reason"] == "truncated" and not cut["matched"] and cut["finished"] is False
+
     garbage = score_candidate("data_Na1Cl1\n_cell_length_a 4.0\n", target_cif)
     assert garbage["failure_reason"] in {"truncated", "postprocess_failed"} and not garbage["matched"]
 
