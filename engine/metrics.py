@@ -30,7 +30,7 @@ from engine.postprocess import postprocess
 METRIC_DEFINITIONS: dict[str, str] = {
     "n": "number of samples evaluated",
     "parse_rate": "samples whose post-processed CIF parsed into a complete pymatgen Structure / n "
-    "(the seed reports call this 'validity')",
+    "(CrystaLLM's own sample reports call this 'validity')",
     "validity": "CrystaLLM-valid samples (formula and multiplicity consistent, bond-length score 1.0, space group "
     "consistent at symprec 0.1) / n",
     "uniqueness_all": "distinct structures among parsed, analysed samples / n (StructureMatcher() defaults, "

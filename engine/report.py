@@ -77,9 +77,8 @@ COLUMN_LEGEND = {
 
 
 def _plain_words(definition: str) -> str:
-    """An evaluator definition without asides meant for the developers (references to internal reports)."""
-    text = re.sub(r"\s*\(the seed reports[^)]*\)", "", definition)
-    return re.sub(r"\bNone\b", MISSING, text)  # the tables print n/a where the evaluator stores None
+    """An evaluator definition as the tables print it (n/a where the evaluator stores None)."""
+    return re.sub(r"\bNone\b", MISSING, definition)
 
 
 def definitions() -> dict[str, str]:
