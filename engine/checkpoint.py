@@ -260,8 +260,9 @@ def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path (a run keeps ckpt/last.pt)")
     if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.pt"))
-        hint = f" it holds {', '.join(found)}" if found else " it holds no .pt file"
+        # A training run folder holds its checkpoints in ckpt/: point at them.
+        found = sorted(str(p.relative_to(path)) for p in [*path.glob("*.pt"), *path.glob("ckpt/*.pt")])
+        hint = f" it holds {', '.join(found)}" if found else " it holds no .pt file (nor ckpt/*.pt)"
         raise CheckpointError(f"{path} is a folder, not a checkpoint file:{hint}; pass the file itself")
     mmap = mmap and zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:

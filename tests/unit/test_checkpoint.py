@@ -238,6 +238,11 @@ def test_missing_file_and_folder(tmp_path):
     _save(tmp_path / "last.pt", _model())
     with pytest.raises(CheckpointError, match="is a folder.*last.pt"):
         load_checkpoint(tmp_path)
+    run = tmp_path / "run"  # a training run folder: its checkpoints live in ckpt/
+    (run / "ckpt").mkdir(parents=True)
+    _save(run / "ckpt" / "best.pt", _model())
+    with pytest.raises(CheckpointError, match=r"is a folder.*ckpt/best\.pt"):
+        load_checkpoint(run)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
