@@ -91,9 +91,15 @@ def sidebar() -> None:
         if dev["memory_gb"]:
             label += f" ({dev['memory_gb']:.0f} GiB)"
         st.caption(f"Device: {label}")
-        running = [d for d in all_jobs() if jobs.job_state(d)["state"] == "running"]
-        if running:
-            st.caption("Running: " + ", ".join(f"{d.parent.name}/{d.name}" for d in running))
+        _running_jobs()
+
+
+@st.fragment(run_every=5)
+def _running_jobs() -> None:
+    """The jobs running now; refreshed on its own every 5 s, so it does not go stale between page runs."""
+    running = [d for d in all_jobs() if jobs.job_state(d)["state"] == "running"]
+    if running:
+        st.caption("Running: " + ", ".join(f"{d.parent.name}/{d.name}" for d in running))
 
 
 # --- what exists under the runs root -------------------------------------------------------------------------
