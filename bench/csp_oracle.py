@@ -5,7 +5,8 @@ prompt is its canonical model view (``engine.canonical``). Scoring those texts a
 (`engine.csp.score_candidate` on the killable worker pool, the path `crystallab csp` takes) measures:
 
 - the oracle's match rate and RMSE, i.e. the ceiling of the benchmark under its validity filter (targets that fail
-  SMACT can never be found) and the RMSE floor left by the canonical text's 4-decimal rounding;
+  SMACT can never be found, nor can the few whose 4-decimal canonical text parses into near-duplicate sites on
+  special positions) and the RMSE floor left by that rounding;
 - scoring throughput (samples/s) with 1 and with N worker processes.
 
     uv run python bench/csp_oracle.py --targets ../shared/data/mp20_subset/test.csv --workers 2

