@@ -341,17 +341,27 @@ def tail_log(job_dir: str | os.PathLike, n: int = 40, max_bytes: int = 256_000) 
     return "\n".join(lines[-n:])
 
 
-# tqdm bars ("12/100 [00:03<...") and bracketed counters ("[3/8] cell ...") as the CLI commands print them.
-_PROGRESS = re.compile(r"(\d+)/(\d+) \[|^\[(\d+)/(\d+)\]")
+# tqdm bars ("12/100 [00:03<...", or with unit scaling for bytes: "12.3M/45.6M [...") and bracketed counters
+# ("[3/8] cell ...") as the CLI commands print them.
+_PROGRESS = re.compile(r"([\d.]+)([kMGT]?)/([\d.]+)([kMGT]?) \[|^\[(\d+)/(\d+)\]")
+_SCALE = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
 def progress(job_dir: str | os.PathLike) -> tuple[int, int] | None:
-    """``(done, total)`` from the job's latest progress line (a tqdm bar or a ``[done/total]`` counter), or None."""
+    """``(done, total)`` from the job's latest progress line (a tqdm bar or a ``[done/total]`` counter), or None.
+
+    Unit-scaled bars (``12.3M/45.6M``, as the token-archive import prints bytes) come back in whole units.
+    """
     for line in reversed(tail_log(job_dir, 5).splitlines()):
         found = _PROGRESS.findall(line.strip())
         if found:
-            groups = [g for g in found[-1] if g]
-            return int(groups[0]), int(groups[1])
+            done, done_unit, total, total_unit, c_done, c_total = found[-1]
+            if c_total:
+                return int(c_done), int(c_total)
+            try:
+                return round(float(done) * _SCALE[done_unit]), round(float(total) * _SCALE[total_unit])
+            except ValueError:  # "1.2.3/4 [" is no bar
+                continue
     return None
 
 

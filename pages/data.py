@@ -117,8 +117,11 @@ if job is not None:
             done = jobs.progress(job)
             what = _build_sources(now)
             if done and done[1]:
-                unit = "" if (now.get("argv") or [""])[:2] == ["data", "import-tokens"] else " CIFs canonicalized"
-                st.progress(done[0] / done[1], text=f"Building {job.name}: {done[0]:,}/{done[1]:,}{unit} ({what})")
+                if (now.get("argv") or [""])[:2] == ["data", "import-tokens"]:  # its bar counts bytes
+                    text = f"{done[0] / 2**20:,.1f}/{done[1] / 2**20:,.1f} MB imported"
+                else:
+                    text = f"{done[0]:,}/{done[1]:,} CIFs canonicalized"
+                st.progress(min(1.0, done[0] / done[1]), text=f"Building {job.name}: {text} ({what})")
             else:
                 st.progress(0.0, text=f"Building {job.name}: reading {what}...")
             common.job_panel(job, key="data_job", stoppable=False)

@@ -64,5 +64,8 @@ def test_progress_and_tail_from_the_log(tmp_path):
     assert jobs.progress(tmp_path) == (3, 4)
     (tmp_path / "log.txt").write_text("[2/6] sampled tiny__Na2Cl2\n")
     assert jobs.progress(tmp_path) == (2, 6)
+    (tmp_path / "log.txt").write_text("extracting:  27%|##   | 12.3M/45.6M [00:02<00:05, 5.1MB/s]\n")
+    assert jobs.progress(tmp_path) == (12_300_000, 45_600_000)  # a token archive's bytes
+    (tmp_path / "log.txt").write_text("[2/6] sampled tiny__Na2Cl2\n")
     assert jobs.tail_log(tmp_path, 1) == "[2/6] sampled tiny__Na2Cl2"
     assert jobs.job_state(tmp_path / "nothing")["state"] == "none"
