@@ -118,7 +118,7 @@ if job is not None:
             what = _build_sources(now)
             if done and done[1]:
                 if (now.get("argv") or [""])[:2] == ["data", "import-tokens"]:  # its bar counts bytes
-                    text = f"{done[0] / 2**20:,.1f}/{done[1] / 2**20:,.1f} MB imported"
+                    text = f"{done[0] / 1e6:,.1f}/{done[1] / 1e6:,.1f} MB imported"
                 else:
                     text = f"{done[0]:,}/{done[1]:,} CIFs canonicalized"
                 st.progress(min(1.0, done[0] / done[1]), text=f"Building {job.name}: {text} ({what})")
