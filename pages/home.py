@@ -31,8 +31,9 @@ st.subheader("The loop")
 STEPS = [
     ("pages/data.py", "Data", "build a training set from your CIFs (folder, zip, CSV with a `cif` column), a "
                               "CrystaLLM token archive, or the built-in corpus"),
-    ("pages/train.py", "Train", "train from scratch (`tiny_cpu`: under a minute on CPU; `demo_cpu`: about 14 "
-                                "minutes) or fine-tune a CrystaLLM checkpoint; live loss curves"),
+    ("pages/train.py", "Train", "train from scratch on CPU (`tiny_cpu`: a one-minute smoke test; `quick_cpu`: "
+                                "4 minutes, samples that parse; `demo_cpu`: 14 minutes, mostly valid crystals) or "
+                                "fine-tune a CrystaLLM checkpoint; live loss curves"),
     ("pages/sample.py", "Sample", "generate crystals from a prompt; gallery, validity, 3D view, downloads"),
     ("pages/compare.py", "Compare", "sweeps over checkpoints, prompts and temperatures; tables, plots, report"),
     ("pages/csp.py", "Structure prediction", "match rate and RMSE against known structures (CSP benchmark)"),
@@ -43,4 +44,5 @@ for path, title, what in STEPS:
     c1.page_link(path, label=title)
     c2.markdown(what)
 if not counts["Datasets"]:
-    st.caption("New here? Start on Data: build the built-in corpus (no downloads), then train `tiny_cpu`.")
+    st.caption("New here? Start on Data: build the built-in corpus (no downloads), then train `quick_cpu` and "
+               "sample from it.")
