@@ -105,7 +105,12 @@ def _parse(cif_text: str) -> Structure:
         except Exception as exc:  # pymatgen raises many types on malformed CIFs; all mean "unreadable input"
             hints = "; ".join(dict.fromkeys(str(w.message) for w in caught))
             reason = " ".join(f"{type(exc).__name__}: {exc}".split()) + (f" ({hints})" if hints else "")
-            raise InputError(f"CIF could not be parsed by pymatgen: {reason}") from exc
+            if not cif_text.strip():
+                raise InputError("the CIF is empty: give a file holding one crystal structure") from exc
+            raise InputError(
+                f"CIF could not be parsed by pymatgen: {reason}; check that the file is a complete CIF (cell "
+                "lengths and angles, symmetry, an atom-site loop with fractional coordinates) and not cut off"
+            ) from exc
     if len(structures) != 1:
         raise InputError(f"CIF holds {len(structures)} structures; give one structure per CIF")
     return structures[0]

@@ -810,6 +810,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: the corpus needs at least 1 structure (default 5000)")
     # --seed picks the generated structures; the train/val split keeps build's default seed.
     return _build_with_bar(args.out, [f"builtin:{args.n}:{args.seed}"], val_fraction=args.val_fraction,
                            workers=args.workers, overwrite=args.overwrite)

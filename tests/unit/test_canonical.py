@@ -136,10 +136,12 @@ def test_element_pm_stays_an_element_token():
 
 def test_malformed_cif_is_an_input_error(golden_canonical):
     raw = golden_canonical[0]["raw_cif"]
-    with pytest.raises(InputError, match="could not be parsed"):
+    with pytest.raises(InputError, match="could not be parsed.*not cut off"):  # says what to check
         canonical.canonicalize(raw[: raw.index("_atom_site_fract_x")])
     with pytest.raises(InputError, match="could not be parsed"):
         canonical.canonicalize("this is not a CIF\n")
+    with pytest.raises(InputError, match="the CIF is empty"):
+        canonical.canonicalize("\n  \n")
 
 
 def test_partial_occupancy_is_rejected(golden_canonical):

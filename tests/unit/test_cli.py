@@ -43,3 +43,9 @@ def test_user_error_prints_one_line_and_exits_2(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
+
+
+def test_corpus_size_below_one_names_the_flag(capsys):
+    assert cli.main(["data", "corpus", "--out", "never", "--n", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --n 0") and "builtin:" not in err  # the flag, not the source syntax
