@@ -109,3 +109,28 @@ def test_build_from_uploads_shows_progress_empties_the_uploader_and_selects_the_
     assert metrics(at)["Train CIFs"] == "1"
     at.selectbox(key="data_pick").set_value("data/first").run()  # followed once: the user may go back
     assert at.selectbox(key="data_pick").value == "data/first" and metrics(at)["Train CIFs"] == "2"
+
+
+def test_a_name_whose_build_failed_can_be_used_again():
+    folder = get_settings().runs_dir / "incoming"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("no CIF here yet\n")
+    at = open_data_page()
+    at.radio(key="data_kind").set_value("Folder or file on the server").run()
+    at.text_input(key="data_name").input("retry")
+    at.text_input(key="data_path").input("incoming")
+    at.button(key="data_build_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    job = get_settings().runs_dir / "jobs" / "data" / "retry"
+    assert wait_for_job(job)["state"] == "failed"  # a folder without CIFs
+    assert not (get_settings().datasets_dir / "retry").exists()
+
+    (folder / "NaCl.cif").write_bytes(rock_salt_cif("Na", "Cl", 5.64))
+    (folder / "KCl.cif").write_bytes(rock_salt_cif("K", "Cl", 6.29))
+    at.text_input(key="data_name").input("retry")
+    at.text_input(key="data_path").input("incoming")
+    at.button(key="data_build_go").click().run()
+    assert not at.error, [e.value for e in at.error]  # not "choose a new name"
+    assert wait_for_job(job)["state"] == "finished", jobs.tail_log(job)
+    assert (get_settings().datasets_dir / "retry" / "train.bin").exists()
+    assert (job / "history" / "1" / "job.json").exists()  # the failed attempt's records are kept
