@@ -114,6 +114,28 @@ def _p1_cif(structure: Structure) -> str:
     return str(CifWriter(p1))
 
 
+def element_colors(structure: Structure) -> dict[str, str]:
+    """Jmol colour (``#rrggbb``) of each element of ``structure``, in the order of its composition.
+
+    The same scheme the 3D view draws with (3Dmol's ``Jmol``), read from pymatgen's bundled table, for a legend.
+    """
+    import functools
+
+    import yaml
+    import pymatgen.vis
+
+    @functools.cache
+    def table() -> dict:
+        path = Path(pymatgen.vis.__file__).with_name("ElementColorSchemes.yaml")
+        return yaml.safe_load(path.read_text())["Jmol"]
+
+    colors = {}
+    for element in structure.composition.elements:
+        rgb = table().get(element.symbol, [128, 128, 128])
+        colors[element.symbol] = "#" + "".join(f"{int(c):02x}" for c in rgb)
+    return colors
+
+
 def structure_view_html(
     structure: Structure,
     *,

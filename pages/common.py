@@ -288,6 +288,9 @@ def structure_view(structure, *, key: str, height: int = 420) -> None:
     if reason is None:
         html = _view_html(structure.to_json(), style, supercell, show_cell, labels, height)
         st.iframe(html, height=height + 10)
+        legend = " &nbsp; ".join(f"<span style='color:{color}'>&#9679;</span> {symbol}"
+                                 for symbol, color in viewer.element_colors(structure).items())
+        st.markdown(legend, unsafe_allow_html=True)  # which colour is which element (Jmol colours)
     else:
         st.warning(f"3D viewer unavailable: {reason}. Showing a simple plot instead.",
                    icon=":material/warning:")

@@ -81,3 +81,7 @@ def test_fallback_figure_plots_every_atom_and_the_cell(nacl):
     assert atoms == {"Na": 8, "Cl": 8}
     cell = [t for t in fig.data if t.name == "cell"][0]
     assert sum(v is not None for v in cell.x) == 24  # 12 edges, 2 ends each
+
+
+def test_legend_colours_are_the_jmol_colours_of_the_elements(nacl):
+    assert viewer.element_colors(nacl) == {"Na": "#ab5cf2", "Cl": "#1ff01f"}  # Jmol's sodium violet, chlorine green
