@@ -166,12 +166,14 @@ def follow(key: str, value: object) -> None:
 
 
 def pick_path(label: str, options: list[Path], *, key: str, help: str | None = None,
-              allow_custom: bool = False, empty: str | None = None, stop: bool = True) -> Path | None:
+              allow_custom: bool = False, empty: str | None = None, stop: bool = True,
+              default: str | None = None) -> Path | None:
     """A selectbox over discovered folders/files, optionally with a typed path checked by the settings.
 
     ``empty`` is said when nothing was discovered (before the typed-path box, when ``allow_custom``). Returns None
     when there is nothing to choose; while a typed path is still empty it stops the page (``stop``) or returns
-    None (``stop=False``, for pages that show results below the picker).
+    None (``stop=False``, for pages that show results below the picker). ``default`` (a path as `rel` shows it)
+    is preselected in a new session when it is among the options.
     """
     choices = [rel(p) for p in options]
     custom = "other path..."
@@ -181,7 +183,8 @@ def pick_path(label: str, options: list[Path], *, key: str, help: str | None = N
         choices.append(custom)
     if not choices:
         return None
-    choice = st.selectbox(label, choices, key=key, help=help)
+    index = choices.index(default) if default in choices else 0
+    choice = st.selectbox(label, choices, index=index, key=key, help=help)
     if choice == custom:
         typed = st.text_input("Path on the server", key=f"{key}_path",
                               help="Absolute, or relative to the runs root; its folder must be allowed "

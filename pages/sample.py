@@ -38,8 +38,18 @@ def _sg_options() -> list[str]:
 
 
 # --- generate ------------------------------------------------------------------------------------------------
+# The chosen checkpoint and prompt live in the page's address too, so a browser reload (a new session) keeps them
+# instead of falling back to the newest checkpoint and Z = 0; otherwise a running job's settings are the default.
+remembered = dict(st.query_params)
+running = common.current_job("sample")
+if running is not None and "ckpt" not in remembered:
+    argv = (jobs.job_state(running).get("argv") or [])
+    flags = dict(zip(argv[1::2], argv[2::2])) if argv[:1] == ["sample"] else {}
+    remembered = {"ckpt": common.rel(Path(flags["--ckpt"])) if "--ckpt" in flags else None,
+                  "formula": flags.get("--prompt"), "z": flags.get("--z")}
 with st.expander("Generate", expanded=True):
     ckpt = common.pick_path("Checkpoint", common.checkpoints(), key="sample_ckpt", allow_custom=True,
+                            default=remembered.get("ckpt"),
                             help="Checkpoints of runs under runs/train/, or any path (e.g. CrystaLLM's ckpt.pt)",
                             empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
                                   "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
@@ -57,13 +67,15 @@ with st.expander("Generate", expanded=True):
     formula, z, sg = None, None, None
     if conditional:
         c1, c2, c3 = st.columns([2, 1, 2])
-        formula = c1.text_input("Formula", value="NaCl", key="sample_formula",
+        formula = c1.text_input("Formula", value=remembered.get("formula") or "NaCl", key="sample_formula",
                                 help="A formula unit with Z (NaCl, Z=4) or a cell composition (Na4Cl4)")
-        z_in = c2.number_input("Z (0: try 1,2,3,4,6,8)", 0, 32, 0, key="sample_z")
+        z_default = int(remembered["z"]) if str(remembered.get("z") or "").isdigit() else 0
+        z_in = c2.number_input("Z (0: try 1,2,3,4,6,8)", 0, 32, min(z_default, 32), key="sample_z")
         z = int(z_in) or None
         sg_label = c3.selectbox("Space group", _sg_options(), key="sample_sg",
                                 help="The 227 space groups the CrystaLLM vocabulary can express")
         sg = None if sg_label == "(any)" else sg_label.split(" (")[0]
+    st.query_params.update({"ckpt": common.rel(ckpt), "formula": formula or "", "z": str(z or 0)})
     with common.user_errors():
         prompts = build_prompts(formula, z=z, spacegroup=sg)
     st.caption(f"{len(prompts)} prompt(s): " + ", ".join(p.label for p in prompts))

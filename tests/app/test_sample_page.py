@@ -35,3 +35,23 @@ def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
     assert isinstance(reason, str) and reason.replace("_", " ") in [c.value for c in at.caption]  # says why
     assert "nan" not in at.subheader[0].value  # the structure shown is a readable one, with its formula
     assert at.subheader[0].value.startswith("Sample #1")
+
+
+def test_a_reload_keeps_the_prompt_through_the_page_address(lab):
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/sample.py")
+    at.run()
+    at.text_input(key="sample_formula").input("KCl")
+    at.number_input(key="sample_z").set_value(4).run()
+    assert at.query_params["formula"] == "KCl" and at.query_params["z"] == "4"
+    assert at.query_params["ckpt"] == "train/tiny/ckpt/last.pt"
+
+    reloaded = AppTest.from_file(APP, default_timeout=120)  # a new session opened at that address
+    reloaded.switch_page("pages/sample.py")
+    reloaded.query_params.update(dict(at.query_params))
+    reloaded.run()
+    assert not reloaded.exception, [e.value for e in reloaded.exception]
+    assert reloaded.text_input(key="sample_formula").value == "KCl"
+    assert reloaded.number_input(key="sample_z").value == 4
+    assert reloaded.selectbox(key="sample_ckpt").value == "train/tiny/ckpt/last.pt"
