@@ -43,6 +43,16 @@ def _lattice_table(cells: dict) -> pd.DataFrame:
     return pd.DataFrame(columns, index=list(rows))
 
 
+def _readable(set_dir: Path) -> set[str]:
+    """Names of the set's samples that post-processed and parsed into a structure (all processed ones when the
+    set is not evaluated yet)."""
+    table = dashboard.sample_table(set_dir)
+    if "badge" not in table.columns or "postprocess_ok" not in table.columns:
+        return set()
+    ok = table["postprocess_ok"].fillna(False).astype(bool) & (table["badge"] != "unparsable")
+    return set(table.loc[ok, "name"])
+
+
 # --- which structure -----------------------------------------------------------------------------------------
 ref = json.loads(st.session_state.get("structure_ref") or "{}")
 source = st.radio("Structure from", ["Sample set", "Upload a CIF", "Paste a CIF"], horizontal=True,
@@ -55,15 +65,18 @@ if source == "Sample set":
         st.stop()
     default = [i for i, p in enumerate(sets) if ref.get("set") and p == Path(ref["set"])]
     if not default:  # otherwise open the newest set that has a structure to show
-        default = [i for i, p in enumerate(sets) if next((p / "processed").glob("*.cif"), None)][:1]
+        default = next(([i] for i, p in enumerate(sets) if _readable(p)), [])
     set_dir = st.selectbox("Sample set", sets, index=default[0] if default else 0, format_func=common.rel,
                            key="structure_set")
     names = sorted(p.stem for p in (set_dir / "processed").glob("*.cif"))
     if not names:
         st.warning("This sample set has no post-processed CIF.")
         st.stop()
-    idx = names.index(ref["name"]) if ref.get("name") in names else 0
-    name = st.selectbox("Sample", names, index=idx, key="structure_sample")
+    readable = _readable(set_dir)
+    first = next((n for n in names if n in readable), names[0])  # open a sample that parses, when there is one
+    idx = names.index(ref["name"]) if ref.get("name") in names else names.index(first)
+    name = st.selectbox("Sample", names, index=idx, key="structure_sample",
+                        format_func=lambda n: n if n in readable else f"{n} (does not parse)")
     cif = (set_dir / "processed" / f"{name}.cif").read_text(encoding="utf-8")
     label = f"{common.rel(set_dir)}/{name}"
     cfg = read_json(set_dir / "config.json", {}) or {}

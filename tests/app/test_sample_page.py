@@ -13,15 +13,21 @@ from engine.evaluate import evaluate_sample_set
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 
 
-def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
+def _broken_set(lab: Path) -> Path:
+    """A copy of the lab's NaCl set whose sample 0 has a processed CIF but no longer parses (its evaluation says
+    so): the state of a sample whose CIF post-processes yet fails to parse."""
     broken = lab / "samples" / "apptest-broken"
     if broken.exists():
         shutil.rmtree(broken)
     shutil.copytree(lab / "samples" / "nacl", broken)
-    # Sample 0 was post-processed at sampling time, but its text no longer makes a structure: the state a sample
-    # is in when its CIF post-processes yet fails to parse.
     (broken / "raw" / "0000.txt").write_text("data_Na4Cl4\nloop_\n_atom_type_symbol\n", encoding="utf-8")
     evaluate_sample_set(broken, workers=1)
+    assert (broken / "processed" / "0000.cif").exists()
+    return broken
+
+
+def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
+    broken = _broken_set(lab)
 
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
@@ -55,3 +61,16 @@ def test_a_reload_keeps_the_prompt_through_the_page_address(lab):
     assert reloaded.text_input(key="sample_formula").value == "KCl"
     assert reloaded.number_input(key="sample_z").value == 4
     assert reloaded.selectbox(key="sample_ckpt").value == "train/tiny/ckpt/last.pt"
+
+
+def test_the_structure_page_opens_a_sample_that_parses(lab):
+    broken = _broken_set(lab)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/structure.py")
+    at.run()
+    at.selectbox(key="structure_set").set_value(broken).run()
+    assert not at.exception, [e.value for e in at.exception]
+    sample = at.selectbox(key="structure_sample")
+    assert sample.value == "0001" and not at.error  # not the unparseable 0000, which is labelled as such
+    assert "does not parse" in sample.format_func("0000") and sample.format_func("0001") == "0001"
