@@ -98,6 +98,7 @@ def test_compare_page_tables_of_the_sweep(lab):
 def test_structure_page_analyses_a_sample(lab):
     at = open_page("pages/structure.py")
     at.selectbox(key="structure_set").set_value(lab / "samples" / "nacl").run()
+    at.selectbox(key="structure_sample").set_value("0000").run()
     lattice = at.table[0].value
     assert lattice.loc["a (Å)", "this cell"] == "5.6400" and lattice.loc["sites", "this cell"] == "8"
     assert any("Fm-3m (No. 225)" in md.value for md in at.markdown)
