@@ -75,6 +75,9 @@ if source == "Sample set":
     readable = _readable(set_dir)
     first = next((n for n in names if n in readable), names[0])  # open a sample that parses, when there is one
     idx = names.index(ref["name"]) if ref.get("name") in names else names.index(first)
+    if st.session_state.get("_structure_set_shown") != str(set_dir):  # another set: start from its default
+        st.session_state["_structure_set_shown"] = str(set_dir)
+        st.session_state.pop("structure_sample", None)
     name = st.selectbox("Sample", names, index=idx, key="structure_sample",
                         format_func=lambda n: n if n in readable else f"{n} (does not parse)")
     cif = (set_dir / "processed" / f"{name}.cif").read_text(encoding="utf-8")

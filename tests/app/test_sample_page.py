@@ -48,6 +48,7 @@ def test_a_reload_keeps_the_prompt_through_the_page_address(lab):
     at.run()
     at.switch_page("pages/sample.py")
     at.run()
+    at.selectbox(key="sample_ckpt").set_value("train/tiny/ckpt/last.pt")  # not necessarily the newest one
     at.text_input(key="sample_formula").input("KCl")
     at.number_input(key="sample_z").set_value(4).run()
     assert at.query_params["formula"] == "KCl" and at.query_params["z"] == "4"
@@ -69,7 +70,9 @@ def test_the_structure_page_opens_a_sample_that_parses(lab):
     at.run()
     at.switch_page("pages/structure.py")
     at.run()
-    at.selectbox(key="structure_set").set_value(broken).run()
+    at.selectbox(key="structure_set").set_value(lab / "samples" / "nacl").run()
+    at.selectbox(key="structure_sample").set_value("0000").run()  # a sample chosen in another set ...
+    at.selectbox(key="structure_set").set_value(broken).run()  # ... does not carry over to this one
     assert not at.exception, [e.value for e in at.exception]
     sample = at.selectbox(key="structure_sample")
     assert sample.value == "0001" and not at.error  # not the unparseable 0000, which is labelled as such
