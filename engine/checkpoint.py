@@ -387,6 +387,17 @@ def _to_checkpoint(path: Path, raw: dict[str, Any], check: bool) -> Checkpoint:
     )
 
 
+def cli_checkpoint_path(arg: str | os.PathLike) -> Path:
+    """A ``--ckpt`` argument as the sampling commands read it: as given when it exists (or is absolute), else
+    relative to the runs root (``train/RUN/ckpt/best.pt``)."""
+    from engine.settings import get_settings
+
+    path = Path(arg).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = get_settings().runs_dir / path
+    return path
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Checkpoint]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import random
@@ -185,6 +186,19 @@ def _matcher():
     return _MATCHER_OBJ
 
 
+_UNSCORED: dict[str, Any] = {
+    "finished": None, "postprocess_ok": False, "failure_reason": None, "n_sites": None, "reduced_formula": None,
+    "struct_valid": None, "comp_valid": None, "valid": False, "rms": None, "matched": False,
+}  # fmt: skip
+"""A sample's verdict before (or without) scoring: the keys every sample record carries."""
+
+
+@functools.lru_cache(maxsize=16)
+def _target_structure(target_cif: str):
+    """The target parsed once per process: a worker scores all k samples of a target against it."""
+    return _structure(target_cif)
+
+
 def score_candidate(text: str, target_cif: str, max_sites: int = 500, finished: bool | None = None) -> dict[str, Any]:
     """Post-process one generated text, check CDVAE validity and match it against the target.
 
@@ -204,11 +218,7 @@ def score_candidate(text: str, target_cif: str, max_sites: int = 500, finished: 
     from engine.checks import cdvae_struct_valid, smact_valid
     from engine.postprocess import postprocess
 
-    row: dict[str, Any] = {
-        "finished": finished, "postprocess_ok": False, "failure_reason": None, "n_sites": None,
-        "reduced_formula": None, "struct_valid": None, "comp_valid": None, "valid": False, "rms": None,
-        "matched": False,
-    }  # fmt: skip
+    row: dict[str, Any] = {**_UNSCORED, "finished": finished}
     result = postprocess(text, finished)
     if result.cif is None:
         row["failure_reason"] = result.reason if result.reason in ("truncated", "malformed", "several_blocks") \
@@ -231,7 +241,7 @@ def score_candidate(text: str, target_cif: str, max_sites: int = 500, finished: 
     if struct_ok:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rms = _matcher().get_rms_dist(structure, _structure(target_cif))
+            rms = _matcher().get_rms_dist(structure, _target_structure(target_cif))
         if rms is not None:
             row["rms"] = float(rms[0])
     row["matched"] = bool(row["valid"] and row["rms"] is not None)
@@ -527,11 +537,7 @@ def _row(row: dict) -> dict:
     """A pool row: a `score_candidate` dict, or the pool's timeout / crash row mapped onto the same keys."""
     if "matched" in row:
         return row
-    return {
-        "postprocess_ok": False, "failure_reason": row.get("failure_reason"), "n_sites": None,
-        "reduced_formula": None, "struct_valid": None, "comp_valid": None, "valid": False, "rms": None,
-        "matched": False,
-    }  # fmt: skip
+    return {**_UNSCORED, "failure_reason": row.get("failure_reason")}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
@@ -540,11 +546,10 @@ def _row(row: dict) -> dict:
 def _run_cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from engine.checkpoint import cli_checkpoint_path
     from engine.settings import get_settings
 
-    ckpt = Path(args.ckpt).expanduser()
-    if not ckpt.is_absolute() and not ckpt.exists():  # like sample, train and sweep: relative to the runs root
-        ckpt = get_settings().runs_dir / ckpt
+    ckpt = cli_checkpoint_path(args.ckpt)
     out = Path(args.out).expanduser() if args.out else None
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -61,7 +61,7 @@ import torch
 from torch.nn import functional as F
 
 from engine import __version__
-from engine.checkpoint import checkpoint_info, load_model
+from engine.checkpoint import checkpoint_info, cli_checkpoint_path, load_model
 from engine.errors import ConfigError, InputError, PromptError
 from engine.fsutil import atomic_write_json, atomic_write_text, read_json
 from engine.model import GPT, KVCache
@@ -599,9 +599,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     root = _out_root(args, prompts)
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
     targets = [(p, _free_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]
-    ckpt = Path(args.ckpt).expanduser()
-    if not ckpt.is_absolute() and not ckpt.exists():  # like train's init_ckpt and sweeps: relative to the runs root
-        ckpt = get_settings().runs_dir / ckpt
+    ckpt = cli_checkpoint_path(args.ckpt)
     model, _ = load_model(ckpt, dev)
     info = checkpoint_info(ckpt)
     for prompt, out in targets:
