@@ -43,10 +43,23 @@ def _lattice_table(cells: dict) -> pd.DataFrame:
     return pd.DataFrame(columns, index=list(rows))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cached_table(set_dir: str, stamp: tuple[float, float]) -> pd.DataFrame:
+    return dashboard.sample_table(set_dir)
+
+
+def _table(set_dir: Path) -> pd.DataFrame:
+    """The set's sample table, read again only when its generation record or evaluation changes (every widget
+    on this page reruns it, and the default-set search reads several sets)."""
+    stamp = tuple((set_dir / f).stat().st_mtime if (set_dir / f).exists() else 0.0
+                  for f in ("samples.jsonl", "eval.csv"))
+    return _cached_table(str(set_dir), stamp)
+
+
 def _readable(set_dir: Path) -> set[str]:
     """Names of the set's samples that post-processed and parsed into a structure (all processed ones when the
     set is not evaluated yet)."""
-    table = dashboard.sample_table(set_dir)
+    table = _table(set_dir)
     if "badge" not in table.columns or "postprocess_ok" not in table.columns:
         return set()
     ok = table["postprocess_ok"].fillna(False).astype(bool) & (table["badge"] != "unparsable")
@@ -85,7 +98,7 @@ if source == "Sample set":
     cfg = read_json(set_dir / "config.json", {}) or {}
     provenance = {"prompt": cfg.get("prompt", {}).get("text"), "checkpoint": cfg.get("checkpoint"),
                   "sampling": cfg.get("sampling")}
-    table = dashboard.sample_table(set_dir)
+    table = _table(set_dir)
     hit = table[table["name"] == name]
     if len(hit):
         provenance["evaluation"] = json.loads(hit.iloc[0].drop(labels=["name"]).to_json())
