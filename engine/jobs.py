@@ -148,7 +148,9 @@ def launch_job(
         target: the output folder the command writes (a run, sample set or sweep); a stop request writes its
             ``STOP`` file there.
         replace_finished: when ``job_dir`` holds a job that has ended, move its records to
-            ``history/<n>/`` and start the new one (e.g. resuming a stopped training run); otherwise refuse.
+            ``history/<n>/`` and start the new one (e.g. resuming a stopped training run); otherwise refuse,
+            unless the ended job left no ``target`` behind (it failed or was stopped early): then the name is
+            free again and its records are archived the same way.
 
     Returns:
         The job record (``job.json`` contents) plus ``"reused": True`` when a job was already running in
@@ -165,7 +167,8 @@ def launch_job(
         if existing is not None:
             if pid_alive(existing.get("pid"), existing.get("pid_start")):
                 return {**existing, "reused": True}
-            if not replace_finished:
+            left_nothing = target is not None and not Path(target).exists()
+            if not (replace_finished or left_nothing):
                 raise InputError(
                     f"job folder {job_dir} already holds a {existing.get('kind', '')} job started at "
                     f"{existing.get('started_at')}; choose a new name to start another one"

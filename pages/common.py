@@ -205,12 +205,7 @@ _STATE_ICONS = {"running": ":material/progress_activity:", "finished": ":materia
 
 
 def launch(argv: list[str], kind: str, name: str, target: Path, replace_finished: bool = False) -> dict:
-    """Start a detached job (or re-attach to the one already running under this name) and follow it.
-
-    Pages check that ``target`` does not exist before they launch; an ended job of the same name that left no
-    output behind (it failed or was stopped early) is then archived, so the name can be used again.
-    """
-    replace_finished = replace_finished or not target.exists()
+    """Start a detached job (or re-attach to the one already running under this name) and follow it."""
     record = jobs.launch_job(argv, jobs_root(kind) / name, kind=kind, target=target,
                              replace_finished=replace_finished)
     st.session_state[f"job_{kind}"] = str(jobs_root(kind) / name)

@@ -69,3 +69,15 @@ def test_progress_and_tail_from_the_log(tmp_path):
     (tmp_path / "log.txt").write_text("[2/6] sampled tiny__Na2Cl2\n")
     assert jobs.tail_log(tmp_path, 1) == "[2/6] sampled tiny__Na2Cl2"
     assert jobs.job_state(tmp_path / "nothing")["state"] == "none"
+
+
+def test_a_name_is_free_again_when_its_ended_job_left_no_output(tmp_path):
+    job_dir, out = tmp_path / "jobs" / "x", tmp_path / "out"
+    jobs.launch_job(["sample", "--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"], job_dir, kind="sample",
+                    target=out)
+    assert _wait(job_dir)["state"] == "failed" and not out.exists()
+    jobs.launch_job(["--help"], job_dir, kind="sample", target=out)  # no "choose a new name"
+    assert _wait(job_dir)["state"] == "finished"
+    out.mkdir()  # an ended job whose output exists keeps its name
+    with pytest.raises(InputError, match="already holds"):
+        jobs.launch_job(["--help"], job_dir, kind="sample", target=out)
