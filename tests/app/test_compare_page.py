@@ -13,24 +13,11 @@ import socket
 from pathlib import Path
 
 import pandas as pd
-from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import open_page
 from engine.metrics import METRIC_DEFINITIONS
 from engine.report import write_sweep_report
 from engine.settings import get_settings
-
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
-PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine
-
-
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
-    at.run()
-    at.switch_page(page)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
 
 def _touch(path: Path, mtime: float) -> None:
     os.utime(path, (mtime, mtime))

@@ -4,50 +4,22 @@ launched from the page shows its progress, empties the uploader and is selected 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import metrics, open_page, wait_for_job
 from engine import jobs
 from engine.fsutil import atomic_write_json
 from engine.settings import get_settings
 from engine.vocab import ELEMENTS
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
-PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine
-
-
-def open_data_page() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
-    at.run()
-    at.switch_page("pages/data.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
-
-
 def chart_x(at: AppTest, key: str) -> list[str]:
     """The bar labels of the plotly chart with widget key ``key``, left to right."""
     (chart,) = [c for c in at.get("plotly_chart") if c.key == key]
     return json.loads(chart.proto.spec)["data"][0]["x"]
-
-
-def wait_for_job(job_dir: Path, timeout_s: float = 240) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = jobs.job_state(job_dir)
-        if state["state"] != "running":
-            return state
-        time.sleep(0.5)
-    jobs.request_stop(job_dir, grace_s=0)
-    raise AssertionError(f"job {job_dir} still running after {timeout_s} s; log:\n{jobs.tail_log(job_dir)}")
 
 
 def rock_salt_cif(cation: str, anion: str, a: float) -> bytes:
@@ -67,7 +39,7 @@ def test_frequency_charts_show_the_most_frequent_not_the_alphabetically_first():
     groups = {f"P{k}": 1 for k in range(50)} | {"R-3m": 9}
     atomic_write_json(folder / "stats.json", {"train_cifs": 62, "element_counts": elements,
                                               "spacegroup_counts": groups})
-    at = open_data_page()
+    at = open_page("pages/data.py")
     x = chart_x(at, "data_elements")
     assert len(x) == 40 and x[:2] == ["Zr", "O"]
     assert chart_x(at, "data_sgs")[0] == "R-3m"
@@ -76,7 +48,7 @@ def test_frequency_charts_show_the_most_frequent_not_the_alphabetically_first():
 def test_build_from_uploads_shows_progress_empties_the_uploader_and_selects_the_new_dataset(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the build job inherits it: faster on a shared 2-core machine
     jobs_dir = get_settings().runs_dir / "jobs" / "data"
-    at = open_data_page()
+    at = open_page("pages/data.py")
     assert any("No dataset yet" in i.value for i in at.info)
     at.radio(key="data_kind").set_value("Upload CIFs / zip / CSV").run()
 
@@ -115,7 +87,7 @@ def test_a_name_whose_build_failed_can_be_used_again():
     folder = get_settings().runs_dir / "incoming"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("no CIF here yet\n")
-    at = open_data_page()
+    at = open_page("pages/data.py")
     at.radio(key="data_kind").set_value("Folder or file on the server").run()
     at.text_input(key="data_name").input("retry")
     at.text_input(key="data_path").input("incoming")

@@ -8,9 +8,8 @@ from pathlib import Path
 import pandas as pd
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import APP, open_page
 from engine.evaluate import evaluate_sample_set
-
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
 
 
 def _broken_set(lab: Path) -> Path:
@@ -29,10 +28,7 @@ def _broken_set(lab: Path) -> Path:
 def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
     broken = _broken_set(lab)
 
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("pages/sample.py")
-    at.run()
+    at = open_page("pages/sample.py")
     at.selectbox(key="sample_set").set_value(broken).run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.button(key="sample_pick_0").disabled
@@ -44,10 +40,7 @@ def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
 
 
 def test_a_reload_keeps_the_prompt_through_the_page_address(lab):
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("pages/sample.py")
-    at.run()
+    at = open_page("pages/sample.py")
     at.selectbox(key="sample_ckpt").set_value("train/tiny/ckpt/last.pt")  # not necessarily the newest one
     at.text_input(key="sample_formula").input("KCl")
     at.number_input(key="sample_z").set_value(4).run()
@@ -66,10 +59,7 @@ def test_a_reload_keeps_the_prompt_through_the_page_address(lab):
 
 def test_the_structure_page_opens_a_sample_that_parses(lab):
     broken = _broken_set(lab)
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("pages/structure.py")
-    at.run()
+    at = open_page("pages/structure.py")
     at.selectbox(key="structure_set").set_value(lab / "samples" / "nacl").run()
     at.selectbox(key="structure_sample").set_value("0000").run()  # a sample chosen in another set ...
     at.selectbox(key="structure_set").set_value(broken).run()  # ... does not carry over to this one

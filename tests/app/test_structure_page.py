@@ -3,24 +3,12 @@ International Tables (conventional cell) whatever cell the CIF is written in, an
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
-PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine
-
-
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=PAGE_TIMEOUT_S)
-    at.run()
-    at.switch_page(page)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
+from apptest_helpers import open_page
 
 def table_with(at: AppTest, column: str) -> pd.DataFrame:
     """The one dataframe on the page that has this column."""

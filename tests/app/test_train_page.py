@@ -6,25 +6,15 @@ import time
 from pathlib import Path
 
 import yaml
-from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import metrics, open_page
 from engine import jobs
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def open_train() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("pages/train.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_choosing_a_preset_loads_its_settings_into_the_form(lab):
-    at = open_train()
+    at = open_page("pages/train.py")
     assert at.number_input(key="train_steps").value == yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())[
         "max_iters"]
     demo = yaml.safe_load((CONFIGS / "demo_cpu.yaml").read_text())
@@ -42,7 +32,7 @@ def test_choosing_a_preset_loads_its_settings_into_the_form(lab):
 
 
 def test_a_launched_run_is_followed_live_without_a_reload(lab):
-    at = open_train()
+    at = open_page("pages/train.py")
     at.text_input(key="train_name").input("apptest-live")
     at.selectbox(key="train_dataset").set_value("tiny")
     at.selectbox(key="train_device").set_value("cpu")
@@ -62,7 +52,7 @@ def test_a_launched_run_is_followed_live_without_a_reload(lab):
         # The next run of the script (as the pending fragment triggers in a browser) shows the new run, live.
         at.run()
         assert at.selectbox(key="train_run").value == run_dir
-        states = {m.label: m.value for m in at.metric}
+        states = metrics(at)
         assert states["State"] == "running", states
     finally:
         jobs.request_stop(job_dir, grace_s=5)
