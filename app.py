@@ -1,6 +1,6 @@
 """crystallab dashboard entry point: navigation over the lab's pages and the shared sidebar, nothing else.
 
-Start it with ``crystallab dashboard`` (binds 127.0.0.1:8501; see ``engine/dashboard.py``). Each page under
+Start it with ``crystallab dashboard`` (binds 127.0.0.1:8501; see ``engine/app/dashboard.py``). Each page under
 ``pages/`` is a thin script: controls -> guard -> engine call -> chart.
 """
 

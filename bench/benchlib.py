@@ -17,9 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.fsutil import atomic_write_json
-from engine.runs import git_sha
-from engine.settings import get_settings
+import torch
+
+from engine.crystal.prompts import build_prompts
+from engine.crystal.tokenizer import encode
+from engine.lab.fsutil import atomic_write_json
+from engine.lab.runs import git_sha
+from engine.lab.settings import get_settings
+from engine.models.checkpoint import load_model
+from engine.models.gpt import GPT, PRESETS
 
 
 def cpu_model() -> str:
@@ -207,3 +213,29 @@ class Timer:
     def __exit__(self, *exc: object) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self._t0
+
+
+def build_model(arch: str, ckpt: str | None, device: torch.device, seed: int = 1337) -> tuple[GPT, str]:
+    """A model in eval mode on ``device``: ``ckpt`` loaded, else preset ``arch`` with seeded random weights.
+
+    Returns:
+        ``(model, label)`` where the label names the shape and parameter count.
+    """
+    if ckpt:
+        model, _ = load_model(ckpt, device)
+        label = Path(ckpt).name
+    else:
+        if arch not in PRESETS:
+            raise SystemExit(f"unknown --arch {arch!r}: choose from {', '.join(PRESETS)}")
+        torch.manual_seed(seed)
+        model = GPT(PRESETS[arch]).to(device)
+        label = arch
+    cfg = model.config
+    total = model.num_params(non_embedding=False)
+    label += f" ({cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}, {total / 1e6:.1f} M)"
+    return model.eval(), label
+
+
+def prompt_ids_for(formula: str | None) -> list[int]:
+    """Token ids of the CrystaLLM prompt for a cell composition (``data_Na2Cl2\\n``; None: ``data_``)."""
+    return encode(build_prompts(formula)[0].text)

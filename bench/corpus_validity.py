@@ -1,8 +1,8 @@
 """Benchmark of the built-in corpus: generation time and CrystaLLM validity of its structures.
 
-Generates the corpus (`engine.corpus.generate_structures`), then sends a seeded random sample of it (or all of it)
-through the same path a generated text takes: canonical model view (`engine.canonical`), post-processing
-(`engine.postprocess`) and the CrystaLLM checks (`engine.checks.check_cif`). Prints a per-family table and writes
+Generates the corpus (`engine.data.corpus.generate_structures`), then sends a seeded random sample of it (or all of it)
+through the same path a generated text takes: canonical model view (`engine.crystal.canonical`), post-processing
+(`engine.crystal.postprocess`) and the CrystaLLM checks (`engine.evaluate.checks.check_cif`). Prints a per-family table and writes
 the figures as JSON.
 
     uv run python bench/corpus_validity.py --corpus-n 5000 --check-n 1000
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from pymatgen.core import Structure
 
-from engine.canonical import structure_to_model_view
-from engine.checks import check_cif
-from engine.corpus import families, generate_structures
-from engine.fsutil import atomic_write_json
-from engine.postprocess import postprocess
-from engine.settings import get_settings
+from engine.crystal.canonical import structure_to_model_view
+from engine.crystal.postprocess import postprocess
+from engine.data.corpus import families, generate_structures
+from engine.evaluate.checks import check_cif
+from engine.lab.fsutil import atomic_write_json
+from engine.lab.settings import get_settings
 
 
 def check_structure(structure: Structure) -> dict:

@@ -1,8 +1,8 @@
 """Benchmark of the CSP scorer with an oracle: every target "generates" its own canonical CIF.
 
 For each target of a test set (a CSV with a ``cif`` column), the text a perfect model would write for the target's
-prompt is its canonical model view (``engine.canonical``). Scoring those texts against the targets
-(`engine.csp.score_candidate` on the killable worker pool, the path `crystallab csp` takes) measures:
+prompt is its canonical model view (``engine.crystal.canonical``). Scoring those texts against the targets
+(`engine.evaluate.csp.score_candidate` on the killable worker pool, the path `crystallab csp` takes) measures:
 
 - the oracle's match rate and RMSE, i.e. the ceiling of the benchmark under its validity filter (targets that fail
   SMACT can never be found, nor can the few whose 4-decimal canonical text parses into near-duplicate sites on
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from benchlib import default_out, finish, machine_info, print_table, write_result
 
-from engine.canonical import canonicalize, model_view
-from engine.csp import load_targets, score_candidate
-from engine.evaluate import run_pool
+from engine.crystal.canonical import canonicalize, model_view
+from engine.evaluate.csp import load_targets, score_candidate
+from engine.evaluate.evaluation import run_pool
 
 
 def main(argv: list[str] | None = None) -> int:

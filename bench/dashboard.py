@@ -32,8 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from engine.fsutil import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from engine.settings import REPO_ROOT, get_settings  # noqa: E402
+from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from engine.lab.settings import REPO_ROOT, get_settings  # noqa: E402
 
 APP = REPO_ROOT / "app.py"
 
@@ -54,7 +54,7 @@ def build_lab(base: Path) -> Path:
 
 def smallest_evaluated_set(runs: Path) -> Path:
     """An evaluated sample set under ``runs/samples`` (fewest samples first), to replicate."""
-    from engine.dashboard import find_sample_sets
+    from engine.app.dashboard import find_sample_sets
 
     sets = [s for s in find_sample_sets(runs / "samples") if (s / "eval.csv").is_file()]
     if not sets:

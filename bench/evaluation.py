@@ -1,4 +1,4 @@
-"""Evaluation throughput: ``engine.evaluate.evaluate_texts`` in parallel against one process, and a per-check profile.
+"""Evaluation throughput: ``engine.evaluate.evaluation.evaluate_texts`` in parallel against one process, and a per-check profile.
 
 Inputs are generated-looking texts: by default the model view (what a trained model writes) of the first
 ``--n`` CIFs of the shared MP-20 training subset, which a well-trained model's samples resemble (most parse and
@@ -13,7 +13,7 @@ Timed, on the same texts:
   and their CPU seconds per CIF are recorded next to the wall-clock rates;
 - ``set_metrics`` (uniqueness: re-parse plus StructureMatcher grouping, single process, after the checks);
 - a per-check profile of ``--profile-n`` texts: post-processing, text checks, parse, symmetry, bond-length
-  score, CDVAE structure, SMACT and token count, timed one by one the way `engine.checks.check_cif` runs them.
+  score, CDVAE structure, SMACT and token count, timed one by one the way `engine.evaluate.checks.check_cif` runs them.
 
 The two tables must agree cell for cell (``identical_verdicts``); differences are listed.
 
@@ -35,7 +35,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from engine.checks import (  # noqa: E402
+from engine.crystal.postprocess import find_truncation, postprocess  # noqa: E402
+from engine.crystal.tokenizer import encode  # noqa: E402
+from engine.evaluate.checks import (  # noqa: E402
     VOLUME_PER_ATOM,
     bond_length_score,
     cdvae_struct_valid,
@@ -44,11 +46,9 @@ from engine.checks import (  # noqa: E402
     smact_valid,
     text_checks,
 )
-from engine.errors import InputError  # noqa: E402
-from engine.evaluate import COLUMNS, evaluate_one, evaluate_texts, set_metrics  # noqa: E402
-from engine.postprocess import find_truncation, postprocess  # noqa: E402
-from engine.settings import REPO_ROOT  # noqa: E402
-from engine.tokenizer import encode  # noqa: E402
+from engine.evaluate.evaluation import COLUMNS, evaluate_one, evaluate_texts, set_metrics  # noqa: E402
+from engine.lab.errors import InputError  # noqa: E402
+from engine.lab.settings import REPO_ROOT  # noqa: E402
 
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "mp20_subset" / "train.csv"
 STAGES = ("postprocess", "text_checks", "parse", "symmetry", "bond_length", "cdvae_struct", "smact", "token_count")
@@ -56,11 +56,11 @@ STAGES = ("postprocess", "text_checks", "parse", "symmetry", "bond_length", "cdv
 
 def load_texts(source: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """Up to ``n`` ``(name, generated-looking text)`` pairs from a CSV, ``builtin`` or a sample-set folder."""
-    from engine.canonical import canonicalize, model_view, structure_to_model_view
+    from engine.crystal.canonical import canonicalize, model_view, structure_to_model_view
 
     path = Path(source).expanduser()
     if source == "builtin":
-        from engine.corpus import generate_structures
+        from engine.data.corpus import generate_structures
 
         return [(sid, structure_to_model_view(s)) for sid, s in generate_structures(n, seed)]
     if path.is_dir():

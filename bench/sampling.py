@@ -1,4 +1,4 @@
-"""Sampling throughput: ``engine.sampler.generate`` at batch sizes 1 ... 1024 against upstream CrystaLLM's algorithm.
+"""Sampling throughput: ``engine.sample.sampler.generate`` at batch sizes 1 ... 1024 against upstream CrystaLLM's algorithm.
 
 For each architecture (random weights by default, which is fine for speed because both sides generate a fixed
 number of tokens: ``stop_at_cif_end=False`` here, ``fixed_tokens=True`` in `upstream_generate`), the same model,
@@ -29,42 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+from benchlib import build_model, prompt_ids_for  # noqa: E402
 from upstream_generate import time_upstream  # noqa: E402
 
-from engine.checkpoint import load_model  # noqa: E402
-from engine.model import GPT, PRESETS  # noqa: E402
-from engine.prompts import build_prompts  # noqa: E402
-from engine.sampler import generate  # noqa: E402
-from engine.tokenizer import encode  # noqa: E402
+from engine.models.gpt import GPT  # noqa: E402
+from engine.sample.sampler import generate  # noqa: E402
 
 DEFAULT_BATCHES = "1,2,4,8,16,32,64,128,256,512,1024"
 TEMPERATURE, TOP_K = 0.8, 10
-
-
-def build_model(arch: str, ckpt: str | None, device: torch.device, seed: int = 1337) -> tuple[GPT, str]:
-    """A model in eval mode on ``device``: ``ckpt`` loaded, else preset ``arch`` with seeded random weights.
-
-    Returns:
-        ``(model, label)`` where the label names the shape and parameter count.
-    """
-    if ckpt:
-        model, _ = load_model(ckpt, device)
-        label = Path(ckpt).name
-    else:
-        if arch not in PRESETS:
-            raise SystemExit(f"unknown --arch {arch!r}: choose from {', '.join(PRESETS)}")
-        torch.manual_seed(seed)
-        model = GPT(PRESETS[arch]).to(device)
-        label = arch
-    cfg = model.config
-    total = model.num_params(non_embedding=False)
-    label += f" ({cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}, {total / 1e6:.1f} M)"
-    return model.eval(), label
-
-
-def prompt_ids_for(formula: str | None) -> list[int]:
-    """Token ids of the CrystaLLM prompt for a cell composition (``data_Na2Cl2\\n``; None: ``data_``)."""
-    return encode(build_prompts(formula)[0].text)
 
 
 def kv_cache_bytes(model: GPT, batch: int, length: int, device: torch.device) -> int:
@@ -75,7 +47,7 @@ def kv_cache_bytes(model: GPT, batch: int, length: int, device: torch.device) ->
 
 
 def time_ours(model: GPT, ids: list[int], batch: int, tokens: int, device: torch.device, seed: int) -> dict:
-    """Time one batch of ``batch`` samples of exactly ``tokens`` new tokens with ``engine.sampler.generate``."""
+    """Time one batch of ``batch`` samples of exactly ``tokens`` new tokens with ``engine.sample.sampler.generate``."""
     load = benchlib.load_average()
     with benchlib.PeakMemory(str(device)) as mem, benchlib.Timer(str(device)) as timer:
         gens = generate(model, ids, n=batch, batch_size=batch, max_new_tokens=tokens, temperature=TEMPERATURE,

@@ -1,4 +1,4 @@
-"""Training throughput of ``engine.trainer.train``: tokens/s and step time per architecture, and MFU on GPUs.
+"""Training throughput of ``engine.train.trainer.train``: tokens/s and step time per architecture, and MFU on GPUs.
 
 Each architecture trains from scratch, through the real trainer (run folder, metrics, checkpoint at the end),
 for ``2 x --steps`` optimizer steps with ``log_interval = --steps``: the first interval absorbs warm-up
@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from engine.batches import plan_context  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.datasets import load_token_dataset  # noqa: E402
-from engine.fsutil import read_jsonl  # noqa: E402
-from engine.model import PRESETS, GPTConfig  # noqa: E402
-from engine.trainer import train  # noqa: E402
+from engine.data.datasets import load_token_dataset  # noqa: E402
+from engine.lab.fsutil import read_jsonl  # noqa: E402
+from engine.models.gpt import PRESETS, GPTConfig  # noqa: E402
+from engine.train.batches import plan_context  # noqa: E402
+from engine.train.config import load_config  # noqa: E402
+from engine.train.trainer import train  # noqa: E402
 
 # Dense bf16 tensor-core peaks in FLOP/s (vendor datasheets, without sparsity), matched in this order.
 PEAK_BF16_FLOPS = (
@@ -65,7 +65,7 @@ def flops_per_token(shape: GPTConfig, window: int) -> float:
 
 def ensure_dataset(name: str | None, source: str) -> Path:
     """``--dataset`` when given; else a dataset built once from ``source`` under ``<runs>/bench/data``."""
-    from engine.datasets import build_dataset, resolve_dataset_dir
+    from engine.data.datasets import build_dataset, resolve_dataset_dir
 
     if name:
         return resolve_dataset_dir(name)

@@ -1,7 +1,7 @@
 """Reference re-implementation of upstream CrystaLLM's sampling loop, the baseline of the sampling benchmark.
 
 Written from the description of upstream ``generate`` in shared/reference/crystallm-format.md section 4, so the
-speed-up of ``engine.sampler`` is measured against the algorithm CrystaLLM actually runs:
+speed-up of ``engine.sample.sampler`` is measured against the algorithm CrystaLLM actually runs:
 
 - one sample at a time (batch 1), no KV cache: every new token recomputes the whole context;
 - the context is cropped to the model's last ``block_size`` tokens;
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from engine.model import GPT
-from engine.vocab import NEWLINE_ID
+from engine.crystal.vocab import NEWLINE_ID
+from engine.models.gpt import GPT
 
 
 def _last_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ def time_upstream(
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import benchlib
-    from sampling import build_model, prompt_ids_for
+    from benchlib import build_model, prompt_ids_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="tiny", help="model preset with random weights (tiny, small, ...); "

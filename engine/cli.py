@@ -11,21 +11,21 @@ import argparse
 import importlib
 import sys
 
-from engine.errors import CrystallabError
+from engine.lab.errors import CrystallabError
 
 # Command name -> (module that registers it via ``add_cli``, one-line help). Only the module of the command being
 # run is imported, so `crystallab data inspect` does not pay for torch and `crystallab --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cif": ("engine.canonical", "canonical CrystaLLM CIF text and token ids"),
-    "data": ("engine.datasets", "build, import and inspect token datasets"),
-    "ckpt": ("engine.checkpoint", "inspect checkpoints"),
-    "train": ("engine.trainer", "train a model (scratch, fine-tune or resume)"),
-    "sample": ("engine.sampler", "sample CIFs from a checkpoint for a composition / space-group prompt"),
-    "postprocess": ("engine.postprocess", "post-process generated texts into CIFs"),
-    "evaluate": ("engine.evaluate", "check generated CIFs and compute set metrics"),
-    "csp": ("engine.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),
-    "sweep": ("engine.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
-    "dashboard": ("engine.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
+    "cif": ("engine.crystal.canonical", "canonical CrystaLLM CIF text and token ids"),
+    "data": ("engine.data.datasets", "build, import and inspect token datasets"),
+    "ckpt": ("engine.models.checkpoint", "inspect checkpoints"),
+    "train": ("engine.train.trainer", "train a model (scratch, fine-tune or resume)"),
+    "sample": ("engine.sample.sampler", "sample CIFs from a checkpoint for a composition / space-group prompt"),
+    "postprocess": ("engine.crystal.postprocess", "post-process generated texts into CIFs"),
+    "evaluate": ("engine.evaluate.evaluation", "check generated CIFs and compute set metrics"),
+    "csp": ("engine.evaluate.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),
+    "sweep": ("engine.evaluate.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
+    "dashboard": ("engine.app.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
 }
 
 

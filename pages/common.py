@@ -14,9 +14,10 @@ from typing import Iterator
 
 import streamlit as st
 
-from engine import jobs
-from engine.errors import CrystallabError
-from engine.settings import Settings, get_settings
+from engine.lab import jobs
+from engine.lab.errors import CrystallabError
+from engine.lab.settings import Settings, get_settings
+
 
 def _leave_pages_folder_mode() -> None:
     """Route a first request for ``/sample`` (etc.) through ``app.py``'s navigation.
@@ -265,7 +266,7 @@ def _view_html(structure_json: str, style: str, supercell: tuple, show_cell: boo
     # Cached so a rerun sends the same HTML and the browser keeps the view (and the user's rotation).
     from pymatgen.core import Structure
 
-    from engine import viewer
+    from engine.app import viewer
 
     return viewer.structure_view_html(Structure.from_str(structure_json, fmt="json"), style=style,
                                       supercell=supercell, show_cell=show_cell, labels=labels, width="100%",
@@ -274,7 +275,7 @@ def _view_html(structure_json: str, style: str, supercell: tuple, show_cell: boo
 
 def structure_view(structure, *, key: str, height: int = 420) -> None:
     """Interactive 3D view with style / repeat / label controls, or a plotly fallback saying why."""
-    from engine import viewer
+    from engine.app import viewer
 
     c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
     style = c1.radio("Style", ["ball-and-stick", "space-filling"], horizontal=True, key=f"{key}_style")

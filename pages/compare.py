@@ -11,12 +11,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import dashboard, jobs, report
-from engine.config import read_yaml_mapping
-from engine.errors import InputError
-from engine.fsutil import read_json
-from engine.runs import read_status
-from engine.sweeps import config_from_dict, dump_sweep_config
+from engine.app import dashboard
+from engine.evaluate import report
+from engine.evaluate.sweeps import config_from_dict, dump_sweep_config
+from engine.lab import jobs
+from engine.lab.errors import InputError
+from engine.lab.fsutil import read_json
+from engine.lab.runs import read_status
+from engine.train.config import read_yaml_mapping
 from pages import common
 
 st.title("Compare")

@@ -7,10 +7,11 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import csp, jobs
-from engine.analysis import load_structure
-from engine.errors import InputError
-from engine.postprocess import postprocess
+from engine.crystal.analysis import load_structure
+from engine.crystal.postprocess import postprocess
+from engine.evaluate import csp
+from engine.lab import jobs
+from engine.lab.errors import InputError
 from pages import common
 
 st.title("Structure prediction")

@@ -10,9 +10,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import jobs
-from engine.errors import InputError
-from engine.fsutil import atomic_write_bytes, read_json, read_jsonl
+from engine.lab import jobs
+from engine.lab.errors import InputError
+from engine.lab.fsutil import atomic_write_bytes, read_json, read_jsonl
 from pages import common
 
 TOP_N = 40

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine import jobs
+from engine.lab import jobs
 from pages import common
 
 st.title("crystallab")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import dashboard, jobs
-from engine.analysis import load_structure
-from engine.checkpoint import checkpoint_info
-from engine.errors import InputError
-from engine.fsutil import read_json
-from engine.prompts import build_prompts, spacegroup_choices
+from engine.app import dashboard
+from engine.crystal.analysis import load_structure
+from engine.crystal.prompts import build_prompts, spacegroup_choices
+from engine.lab import jobs
+from engine.lab.errors import InputError
+from engine.lab.fsutil import read_json
+from engine.models.checkpoint import checkpoint_info
 from pages import common
 
 st.title("Sample")

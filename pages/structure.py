@@ -10,8 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import analysis, dashboard
-from engine.fsutil import read_json
+from engine.app import dashboard
+from engine.crystal import analysis
+from engine.lab.fsutil import read_json
 from pages import common
 
 st.title("Structure")

@@ -8,11 +8,12 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import dashboard, jobs
-from engine.config import load_config
-from engine.errors import InputError
-from engine.runs import RunFolder
-from engine.settings import REPO_ROOT
+from engine.app import dashboard
+from engine.lab import jobs
+from engine.lab.errors import InputError
+from engine.lab.runs import RunFolder
+from engine.lab.settings import REPO_ROOT
+from engine.train.config import load_config
 from pages import common
 
 st.title("Train")

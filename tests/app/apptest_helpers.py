@@ -7,7 +7,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from engine import jobs
+from engine.lab import jobs
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 PAGE_TIMEOUT_S = 120  # a page run imports torch/pymatgen on first use; slow on a loaded 2-core machine

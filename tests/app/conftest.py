@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.viewer import ensure_3dmol_js
+from engine.app.viewer import ensure_3dmol_js
 
 
 def load_lab_module():

@@ -39,14 +39,14 @@ def make_lab(base: Path, cache: Path) -> Path:
         return runs
     import torch
 
-    from engine.config import load_config
-    from engine.csp import run_csp
-    from engine.datasets import build_dataset
-    from engine.evaluate import evaluate_sample_set
-    from engine.prompts import build_prompts
-    from engine.sampler import sample_to_dir
-    from engine.sweeps import config_from_dict, run_sweep
-    from engine.trainer import train
+    from engine.crystal.prompts import build_prompts
+    from engine.data.datasets import build_dataset
+    from engine.evaluate.csp import run_csp
+    from engine.evaluate.evaluation import evaluate_sample_set
+    from engine.evaluate.sweeps import config_from_dict, run_sweep
+    from engine.sample.sampler import sample_to_dir
+    from engine.train.config import load_config
+    from engine.train.trainer import train
 
     old_env = {k: os.environ.get(k) for k in ("CRYSTALLAB_RUNS", "CRYSTALLAB_CACHE")}
     old_threads = torch.get_num_threads()

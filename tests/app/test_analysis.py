@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from engine import analysis
-from engine.errors import InputError
+from engine.crystal import analysis
+from engine.lab.errors import InputError
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_huge_structures_are_refused(nacl):
 
 
 def test_bond_table_agrees_with_the_validity_score(nacl):
-    from engine.checks import bond_length_score
+    from engine.evaluate.checks import bond_length_score
 
     half_bad = nacl.copy()
     half_bad.translate_sites([4], [0.2, 0.0, 0.0])  # one Cl 1.13 Å off centre: its short bonds fail

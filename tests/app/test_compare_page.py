@@ -13,11 +13,12 @@ import socket
 from pathlib import Path
 
 import pandas as pd
-
 from apptest_helpers import open_page
-from engine.metrics import METRIC_DEFINITIONS
-from engine.report import write_sweep_report
-from engine.settings import get_settings
+
+from engine.evaluate.metrics import METRIC_DEFINITIONS
+from engine.evaluate.report import write_sweep_report
+from engine.lab.settings import get_settings
+
 
 def _touch(path: Path, mtime: float) -> None:
     os.utime(path, (mtime, mtime))

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from apptest_helpers import metrics, open_page, wait_for_job
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import metrics, open_page, wait_for_job
-from engine import jobs
-from engine.fsutil import atomic_write_json
-from engine.settings import get_settings
-from engine.vocab import ELEMENTS
+from engine.crystal.vocab import ELEMENTS
+from engine.lab import jobs
+from engine.lab.fsutil import atomic_write_json
+from engine.lab.settings import get_settings
+
 
 def chart_x(at: AppTest, key: str) -> list[str]:
     """The bar labels of the plotly chart with widget key ``key``, left to right."""

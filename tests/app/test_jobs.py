@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from engine import jobs
-from engine.errors import InputError
+from engine.lab import jobs
+from engine.lab.errors import InputError
 
 
 def _wait(job_dir, timeout_s: float = 120) -> dict:

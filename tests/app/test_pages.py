@@ -4,9 +4,9 @@ readable messages, and the launch / sample / sweep buttons start real detached j
 from __future__ import annotations
 
 import pytest
-
 from apptest_helpers import metrics, open_page, wait_for_job
-from engine import jobs
+
+from engine.lab import jobs
 
 
 def test_home_page_counts_what_the_lab_holds_and_links_every_page(lab):

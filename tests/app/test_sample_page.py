@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+from apptest_helpers import APP, open_page
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import APP, open_page
-from engine.evaluate import evaluate_sample_set
+from engine.evaluate.evaluation import evaluate_sample_set
 
 
 def _broken_set(lab: Path) -> Path:

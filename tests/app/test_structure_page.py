@@ -3,12 +3,11 @@ International Tables (conventional cell) whatever cell the CIF is written in, an
 
 from __future__ import annotations
 
-
 import pandas as pd
 import pytest
+from apptest_helpers import open_page
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import open_page
 
 def table_with(at: AppTest, column: str) -> pd.DataFrame:
     """The one dataframe on the page that has this column."""

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import yaml
-
 from apptest_helpers import metrics, open_page
-from engine import jobs
+
+from engine.lab import jobs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

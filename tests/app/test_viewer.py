@@ -9,7 +9,7 @@ import urllib.error
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from engine import viewer
+from engine.app import viewer
 
 
 @pytest.fixture

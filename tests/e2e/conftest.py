@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.dashboard import streamlit_command
-from engine.settings import REPO_ROOT
-from engine.viewer import ensure_3dmol_js
+from engine.app.dashboard import streamlit_command
+from engine.app.viewer import ensure_3dmol_js
+from engine.lab.settings import REPO_ROOT
 
 BASE_PATH = "lab"
 """The server runs under this URL path, as behind a reverse proxy (the page must still load everything)."""

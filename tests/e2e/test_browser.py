@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from engine import jobs
-from engine.settings import REPO_ROOT
+from engine.lab import jobs
+from engine.lab.settings import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.model import GPT, GPTConfig
-from engine.vocab import NEWLINE_ID
+from engine.crystal.vocab import NEWLINE_ID
+from engine.models.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"

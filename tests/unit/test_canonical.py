@@ -1,4 +1,4 @@
-"""Tests for the CrystaLLM canonical CIF, the model view and the ``crystallab cif`` CLI (engine.canonical).
+"""Tests for the CrystaLLM canonical CIF, the model view and the ``crystallab cif`` CLI (engine.crystal.canonical).
 
 The golden records (upstream pipeline, pymatgen 2023.3.23) are the oracle for the edits; full symmetrization with
 the installed pymatgen is checked against them with an agreement floor, since spglib / pymatgen changes may pick
@@ -15,8 +15,9 @@ import sys
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
-from engine import canonical, cli, tokenizer, vocab
-from engine.errors import InputError
+from engine import cli
+from engine.crystal import canonical, tokenizer, vocab
+from engine.lab.errors import InputError
 
 NACL_MODEL_VIEW = """data_Na4Cl4
 loop_

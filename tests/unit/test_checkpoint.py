@@ -1,4 +1,4 @@
-"""Tests for engine.checkpoint: upstream compatibility, round trips, refusals with readable reasons, atomic saves."""
+"""Tests for engine.models.checkpoint: upstream compatibility, round trips, refusals with readable reasons, atomic saves."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import add_cli, checkpoint_info, load_checkpoint, load_model, save_checkpoint
-from engine.errors import CheckpointError
-from engine.model import GPT, GPTConfig
+from engine.lab.errors import CheckpointError
+from engine.models.checkpoint import add_cli, checkpoint_info, load_checkpoint, load_model, save_checkpoint
+from engine.models.gpt import GPT, GPTConfig
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 

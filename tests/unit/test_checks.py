@@ -6,8 +6,8 @@ import time
 
 from pymatgen.core import Lattice, Structure
 
-from engine.checks import check_cif, failed_row, smact_valid, text_checks
-from engine.postprocess import postprocess
+from engine.crystal.postprocess import postprocess
+from engine.evaluate.checks import check_cif, failed_row, smact_valid, text_checks
 
 FIELDS = (
     "is_sensible", "formula_consistent", "multiplicity_consistent", "bond_length_score", "space_group_consistent",

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import (
+from engine.lab.errors import ConfigError
+from engine.lab.settings import get_settings
+from engine.train.config import (
     TrainConfig,
     dump_config,
     field_docs,
@@ -16,8 +18,6 @@ from engine.config import (
     read_yaml_mapping,
     resolve_run_dir,
 )
-from engine.errors import ConfigError
-from engine.settings import get_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TRAIN_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep_", "sample_")))

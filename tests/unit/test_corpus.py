@@ -8,13 +8,13 @@ from collections import defaultdict
 import pytest
 from pymatgen.core import Element, Structure
 
-from engine.canonical import structure_to_model_view
-from engine.checks import check_cif
-from engine.corpus import corpus_cifs, corpus_size, families, generate_structures
-from engine.errors import InputError
-from engine.postprocess import postprocess
-from engine.prototypes import PROTOTYPES
-from engine.vocab import ELEMENTS
+from engine.crystal.canonical import structure_to_model_view
+from engine.crystal.postprocess import postprocess
+from engine.crystal.vocab import ELEMENTS
+from engine.data.corpus import corpus_cifs, corpus_size, families, generate_structures
+from engine.data.prototypes import PROTOTYPES
+from engine.evaluate.checks import check_cif
+from engine.lab.errors import InputError
 
 REQUIRED_FAMILIES = {
     "rocksalt", "cscl", "zincblende", "wurtzite", "nias", "fluorite", "rutile", "cdi2", "corundum", "perovskite",

@@ -11,10 +11,10 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from engine.canonical import structure_to_model_view
 from engine.cli import main
-from engine.csp import load_targets, run_csp, score_candidate, summarize
-from engine.errors import InputError
+from engine.crystal.canonical import structure_to_model_view
+from engine.evaluate.evaluation.csp import load_targets, run_csp, score_candidate, summarize
+from engine.lab.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,13 +16,13 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from engine.canonical import canonicalize, model_view
 from engine.cli import main
-from engine.datasets import build_dataset, import_tokens, iter_cifs, load_token_dataset
-from engine.errors import InputError
-from engine.settings import get_settings
-from engine.tokenizer import decode
-from engine.vocab import DATA_ID, TOKENS
+from engine.crystal.canonical import canonicalize, model_view
+from engine.crystal.tokenizer import decode
+from engine.crystal.vocab import DATA_ID, TOKENS
+from engine.data.datasets import build_dataset, import_tokens, iter_cifs, load_token_dataset
+from engine.lab.errors import InputError
+from engine.lab.settings import get_settings
 
 
 def _nacl(a: float) -> str:
@@ -175,7 +175,7 @@ def test_dedup_keeps_lowest_volume_per_formula_unit(tmp_path):
 
 
 def test_builtin_source_uses_the_corpus_generator(monkeypatch, tmp_path):
-    import engine.corpus
+    import engine.data.corpus
 
     calls = []
 
@@ -185,7 +185,7 @@ def test_builtin_source_uses_the_corpus_generator(monkeypatch, tmp_path):
                 ("cscl-CsCl", Structure.from_spacegroup("Pm-3m", Lattice.cubic(4.1), ["Cs", "Cl"],
                                                         [[0, 0, 0], [0.5, 0.5, 0.5]]))]
 
-    monkeypatch.setattr(engine.corpus, "generate_structures", fake_generate)
+    monkeypatch.setattr(engine.data.corpus, "generate_structures", fake_generate)
     stats = build_dataset(["builtin:2:5"], tmp_path / "b", val_fraction=0.5, workers=1)
     assert calls == [(2, 5)] and (stats["train_cifs"], stats["val_cifs"]) == (1, 1)
     assert {r["name"] for r in _read_jsonl(tmp_path / "b" / "index.jsonl")} == {"rocksalt-NaCl", "cscl-CsCl"}

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from engine.errors import InputError
-from engine.evaluate import add_cli, evaluate_sample_set, evaluate_texts
-from engine.fsutil import atomic_write_json, read_json
-from engine.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
-from engine.tokenizer import encode
-from engine.vocab import meta_dict
+from engine.crystal.tokenizer import encode
+from engine.crystal.vocab import meta_dict
+from engine.evaluate.evaluation import add_cli, evaluate_sample_set, evaluate_texts
+from engine.evaluate.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
+from engine.lab.errors import InputError
+from engine.lab.fsutil import atomic_write_json, read_json
 
 
 def _texts(golden_canonical, n: int) -> list[tuple[str, str]]:

@@ -1,12 +1,12 @@
-"""Tests for engine.model: CrystaLLM-compatible shapes and names, KV-cache decoding, cropping, dropout, optimizer."""
+"""Tests for engine.models.gpt: CrystaLLM-compatible shapes and names, KV-cache decoding, cropping, dropout, optimizer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.errors import ConfigError
-from engine.model import GPT, PRESETS, ContextLengthError, GPTConfig, KVCache, state_dict_shapes
+from engine.lab.errors import ConfigError
+from engine.models.gpt import GPT, PRESETS, ContextLengthError, GPTConfig, KVCache, state_dict_shapes
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 

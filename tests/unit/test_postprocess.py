@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pymatgen.core.operations import SymmOp
 
-from engine.errors import InputError
-from engine.postprocess import add_cli, find_truncation, postprocess
+from engine.crystal.postprocess import add_cli, find_truncation, postprocess
+from engine.lab.errors import InputError
 
 _OPS_RE = re.compile(r"_symmetry_equiv_pos_as_xyz[ \t]*\n((?:[ \t]*\d+[ \t]+'[^']*'[ \t]*\n)+)")
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import PromptError
-from engine.prompts import (
+from engine.crystal.prompts import (
     DEFAULT_ZS,
     Prompt,
     build_prompts,
@@ -13,8 +12,9 @@ from engine.prompts import (
     parse_formula_spec,
     spacegroup_choices,
 )
-from engine.tokenizer import encode
-from engine.vocab import NEWLINE_ID, SPACE_GROUPS, STOI
+from engine.crystal.tokenizer import encode
+from engine.crystal.vocab import NEWLINE_ID, SPACE_GROUPS, STOI
+from engine.lab.errors import PromptError
 
 # The NaCl example of crystallm-format.md section 1, up to and including its H-M line.
 NACL_FM3M_PREFIX = """data_Na4Cl4

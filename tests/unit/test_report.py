@@ -12,9 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.errors import InputError
-from engine.metrics import METRIC_DEFINITIONS
-from engine.report import (
+from engine.evaluate.metrics import METRIC_DEFINITIONS
+from engine.evaluate.report import (
     compare_sample_sets,
     macro_display,
     macro_table,
@@ -24,6 +23,7 @@ from engine.report import (
     sweep_rows,
     write_sweep_report,
 )
+from engine.lab.errors import InputError
 
 SHA = "abcdef0123456789" * 4
 
@@ -175,9 +175,9 @@ def test_write_sweep_report_writes_csv_markdown_and_every_sample(tmp_path):
 def test_counts_agree_with_the_evaluators_per_sample_table(tmp_path, golden_canonical):
     """A set of real CIF texts (three copies of one structure) evaluated for real: the row's counts are those
     of eval.csv, and the copies count once towards uniqueness."""
-    from engine.evaluate import evaluate_sample_set
-
     from pymatgen.core import Composition
+
+    from engine.evaluate.evaluation import evaluate_sample_set
 
     by_formula = {}  # one small valid structure per reduced formula: four structures that cannot match
     for r in sorted(golden_canonical, key=lambda r: len(r["decoded"])):
@@ -199,7 +199,7 @@ def test_counts_agree_with_the_evaluators_per_sample_table(tmp_path, golden_cano
 
 
 def test_wilson_interval_matches_the_textbook_values():
-    from engine.report import wilson_interval
+    from engine.evaluate.report import wilson_interval
 
     assert wilson_interval(3, 4) == pytest.approx((0.3006, 0.9544), abs=1e-4)  # "0.75 [0.30, 0.95], n = 4"
     assert wilson_interval(0, 4) == pytest.approx((0.0, 0.4899), abs=1e-4)  # 0/4 still says "at most ~49 %"
@@ -212,8 +212,8 @@ def test_wilson_interval_matches_the_textbook_values():
 def _tiny_checkpoint(path: Path, dataset: str | None, fingerprint: str | None) -> Path:
     import torch
 
-    from engine.checkpoint import save_checkpoint
-    from engine.model import GPT, GPTConfig
+    from engine.models.checkpoint import save_checkpoint
+    from engine.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32))
@@ -234,7 +234,7 @@ def _legend_labels(lines: list[str]) -> set[str]:
 
 
 def test_report_states_provenance_and_defines_every_column(tmp_path):
-    from engine.checkpoint import checkpoint_sha256
+    from engine.models.checkpoint import checkpoint_sha256
 
     ckpt = _tiny_checkpoint(tmp_path / "nacl10.pt", "nacl10_train", "f00dfeed" * 8)
     sha = checkpoint_sha256(ckpt)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from engine.runs import RunFolder, list_runs, pid_alive, read_status
-from engine.settings import get_settings
+from engine.lab.runs import RunFolder, list_runs, pid_alive, read_status
+from engine.lab.settings import get_settings
 
 
 def _dead_pid() -> int:

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from engine.errors import InputError
-from engine.safe_pickle import dump_pickle, load_pickle
+from engine.lab.errors import InputError
+from engine.lab.safe_pickle import dump_pickle, load_pickle
 
 
 class _Exploit:

@@ -14,17 +14,17 @@ import pytest
 import torch
 from pymatgen.core import Structure
 
-import engine.sampler as sampler
-from engine.checkpoint import save_checkpoint
+import engine.sample.sampler as sampler
 from engine.cli import main as cli_main
-from engine.errors import ConfigError, InputError, PromptError
-from engine.fsutil import sha256_file
-from engine.model import GPT, GPTConfig
-from engine.prompts import build_prompts
-from engine.sampler import generate, sample_to_dir
-from engine.settings import get_settings
-from engine.tokenizer import encode
-from engine.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SPACE_GROUPS, STOI
+from engine.crystal.prompts import build_prompts
+from engine.crystal.tokenizer import encode
+from engine.crystal.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SPACE_GROUPS, STOI
+from engine.lab.errors import ConfigError, InputError, PromptError
+from engine.lab.fsutil import sha256_file
+from engine.lab.settings import get_settings
+from engine.models.checkpoint import save_checkpoint
+from engine.models.gpt import GPT, GPTConfig
+from engine.sample.sampler import generate, sample_to_dir
 
 PROMPT = encode("data_Na2Cl2\n")
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48)

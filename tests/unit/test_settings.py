@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import PathNotAllowed
-from engine.settings import get_settings
+from engine.lab.errors import PathNotAllowed
+from engine.lab.settings import get_settings
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-import engine.sweeps as sweeps
-from engine.checkpoint import save_checkpoint
+import engine.evaluate.sweeps as sweeps
 from engine.cli import main as cli_main
-from engine.errors import CheckpointError, ConfigError
-from engine.fsutil import sha256_file
-from engine.model import GPT, GPTConfig
-from engine.settings import get_settings
-from engine.sweeps import SweepConfig, cell_name, config_from_dict, load_sweep_config, plan_cells, run_sweep
+from engine.evaluate.sweeps import SweepConfig, cell_name, config_from_dict, load_sweep_config, plan_cells, run_sweep
+from engine.lab.errors import CheckpointError, ConfigError
+from engine.lab.fsutil import sha256_file
+from engine.lab.settings import get_settings
+from engine.models.checkpoint import save_checkpoint
+from engine.models.gpt import GPT, GPTConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -293,18 +293,18 @@ def test_an_existing_file_as_out_is_a_one_line_error_also_for_check(tmp_path, ca
 
 
 def test_a_failed_evaluation_fails_the_sweep_after_the_other_cells_finish(ckpt, monkeypatch):
-    import engine.evaluate
+    import engine.evaluate.evaluation
 
     cfg = _config()
     names = [c.name for c in plan_cells(cfg)]
-    real = engine.evaluate.evaluate_sample_set
+    real = engine.evaluate.evaluation.evaluate_sample_set
 
     def flaky(set_dir, **kw):
         if Path(set_dir).name == names[1]:
             raise RuntimeError("evaluator bug")
         return real(set_dir, **kw)
 
-    monkeypatch.setattr(engine.evaluate, "evaluate_sample_set", flaky)
+    monkeypatch.setattr(engine.evaluate.evaluation, "evaluate_sample_set", flaky)
     with pytest.raises(RuntimeError, match="evaluator bug"):
         run_sweep(cfg)
     out = get_settings().sweeps_dir / "t"
@@ -315,8 +315,8 @@ def test_a_failed_evaluation_fails_the_sweep_after_the_other_cells_finish(ckpt, 
 
 
 def test_train_dataset_by_name_feeds_the_novelty_index(ckpt, monkeypatch, shared_dir, tmp_path):
-    from engine.datasets import build_dataset
-    from engine.metrics import TrainingIndex
+    from engine.data.datasets import build_dataset
+    from engine.evaluate.metrics import TrainingIndex
 
     pd.read_csv(shared_dir / "data" / "mp20_subset" / "train.csv", nrows=8).to_csv(tmp_path / "few.csv", index=False)
     build_dataset([tmp_path / "few.csv"], get_settings().datasets_dir / "mini", val_fraction=0.25, workers=1)

@@ -1,4 +1,4 @@
-"""Tests for the frozen vocabulary (engine.vocab) and the CrystaLLM tokenizer (engine.tokenizer).
+"""Tests for the frozen vocabulary (engine.crystal.vocab) and the CrystaLLM tokenizer (engine.crystal.tokenizer).
 
 Ids must match upstream exactly for pretrained checkpoints and published token files to work, so the golden
 records produced by the upstream pipeline are the main oracle.
@@ -11,8 +11,8 @@ import random
 import numpy as np
 import pytest
 
-from engine import tokenizer, vocab
-from engine.errors import InputError
+from engine.crystal import tokenizer, vocab
+from engine.lab.errors import InputError
 
 
 def test_vocab_layout_matches_crystallm():

@@ -16,17 +16,17 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from engine.batches import WindowSampler, plan_context
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import load_config
-from engine.datasets import build_dataset, load_token_dataset
-from engine.errors import ConfigError, CrystallabError
-from engine.fsutil import sha256_file
-from engine.model import GPT, GPTConfig
-from engine.runs import RunFolder
-from engine.settings import get_settings
-from engine.train_setup import Tracker, lr_at
-from engine.trainer import train
+from engine.data.datasets import build_dataset, load_token_dataset
+from engine.lab.errors import ConfigError, CrystallabError
+from engine.lab.fsutil import sha256_file
+from engine.lab.runs import RunFolder
+from engine.lab.settings import get_settings
+from engine.models.checkpoint import load_checkpoint, save_checkpoint
+from engine.models.gpt import GPT, GPTConfig
+from engine.train.batches import WindowSampler, plan_context
+from engine.train.config import load_config
+from engine.train.setup import Tracker, lr_at
+from engine.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 # A model small enough that a step takes milliseconds on one CPU core.
@@ -269,8 +269,8 @@ CHILD = textwrap.dedent(
     os.replace = replace_then_hang
     import torch
     torch.set_num_threads(1)
-    from engine.config import load_config
-    from engine.trainer import train
+    from engine.train.config import load_config
+    from engine.train.trainer import train
     args = [f"dataset={sys.argv[3]}", "n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=2",
             "eval_iters=1", "warmup_iters=2", "device=cpu", "max_iters=100000", "eval_interval=3", "log_interval=1"]
     print("READY", flush=True)
@@ -343,7 +343,7 @@ EARLY_CHILD = textwrap.dedent(
     import sys, time
     import torch
     torch.set_num_threads(1)
-    from engine import trainer
+    from engine.train import trainer
     from engine.cli import main
 
     config, run, phase = sys.argv[1:4]

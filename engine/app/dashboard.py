@@ -1,0 +1,204 @@
+"""`crystallab dashboard`: start the Streamlit lab bound to localhost, with the 3D viewer asset in place.
+
+The server listens on 127.0.0.1 unless told otherwise (reach it from a laptop with
+``ssh -L 8501:127.0.0.1:8501 server``), runs headless and sends no usage statistics. Before starting, the
+3Dmol.js asset is fetched from the npm registry into the cache if it is missing ("first start"), so viewing
+structures later never needs the internet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from engine.app.viewer import asset_status, ensure_3dmol_js
+from engine.lab.fsutil import read_json, read_jsonl
+from engine.lab.settings import REPO_ROOT, get_settings
+
+APP_PATH = REPO_ROOT / "app.py"
+
+
+def streamlit_command(port: int = 8501, address: str = "127.0.0.1", base_url_path: str = "") -> list[str]:
+    """The ``streamlit run`` command line that serves the lab.
+
+    Args:
+        port: TCP port.
+        address: interface to bind; keep 127.0.0.1 unless the machine's network is trusted.
+        base_url_path: serve under this path prefix (e.g. ``lab`` behind a reverse proxy at /lab/).
+    """
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
+        "--server.port", str(port),
+        "--server.address", address,
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+    ]
+    if base_url_path.strip("/"):
+        cmd += ["--server.baseUrlPath", base_url_path.strip("/")]
+    return cmd
+
+
+def metrics_frame(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A training run's ``metrics.jsonl`` as a table (one row per record; empty with the usual columns)."""
+    cols = ["step", "split", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed_s", "time"]
+    df = pd.DataFrame(list(read_jsonl(Path(run_dir) / "metrics.jsonl")))
+    for c in cols:
+        if c not in df.columns:
+            df[c] = pd.Series(dtype="float64")
+    return df
+
+
+def training_progress(run_dir: str | os.PathLike) -> dict:
+    """Where a training run stands: step of max, fraction done, ETA (s), throughput and latest losses.
+
+    The ETA extrapolates the wall time per step since the run (or its resume) started; it is None before the
+    first training record or once the run is not running.
+    """
+    status = read_json(Path(run_dir) / "status.json", {}) or {}
+    df = metrics_frame(run_dir)
+    train = df[df["split"] == "train"]
+    val = df[df["split"] == "val"]
+    step, max_steps = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    out = {
+        "state": status.get("state", "pending"),
+        "step": step,
+        "max_steps": max_steps,
+        "fraction": min(1.0, step / max_steps) if max_steps else 0.0,
+        "train_loss": float(train["loss"].iloc[-1]) if len(train) else None,
+        "val_loss": float(val["loss"].iloc[-1]) if len(val) else None,
+        "best_val_loss": status.get("best_val_loss"),
+        "lr": float(train["lr"].iloc[-1]) if len(train) else None,
+        "tokens_per_s": float(train["tokens_per_s"].iloc[-1]) if len(train) else None,
+        "device": status.get("device"),
+        "eta_s": None,
+    }
+    if out["state"] == "running" and len(train) >= 2 and max_steps > step:
+        # Rate over the records since the latest (re)start: elapsed_s restarts from 0 on resume.
+        recent = train.iloc[-min(len(train), 20):]
+        d_step = recent["step"].iloc[-1] - recent["step"].iloc[0]
+        d_time = recent["elapsed_s"].iloc[-1] - recent["elapsed_s"].iloc[0]
+        if d_step > 0 and d_time > 0:
+            out["eta_s"] = float(d_time / d_step * (max_steps - step))
+    return out
+
+
+def gpu_memory() -> list[dict] | None:
+    """Used and total memory (GiB) of each NVIDIA GPU, all processes together; None without ``nvidia-smi``.
+
+    Queried through ``nvidia-smi`` so the dashboard itself never opens a CUDA context on the GPU it reports.
+    """
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in out.strip().splitlines():
+        idx, name, used, total = (x.strip() for x in line.split(","))
+        gpus.append({"index": int(idx), "name": name, "used_gb": float(used) / 1024,
+                     "total_gb": float(total) / 1024})
+    return gpus
+
+
+def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
+    """Sample-set folders (holding ``config.json`` and ``samples.jsonl``) under ``root``, newest first.
+
+    A formula sampled for several Z is a folder of sets (``z1/``, ``z2/`` ...), and a sweep holds one set per
+    cell, hence the search a few levels deep.
+    """
+    root = Path(root)
+    found: list[Path] = []
+
+    def walk(folder: Path, level: int) -> None:
+        if (folder / "samples.jsonl").is_file() and (folder / "config.json").is_file():
+            found.append(folder)
+            return
+        if level == 0:
+            return
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith("."):
+                walk(child, level - 1)
+
+    if root.is_dir():
+        walk(root, depth)
+    return sorted(found, key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
+
+
+def sample_table(set_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per sample of a set: generation record joined with its evaluation row and a ``badge``.
+
+    ``badge`` is ``valid`` (all CrystaLLM checks pass), ``invalid`` (parsed, some check fails), ``unparsable``
+    (no structure could be read) or ``not evaluated``.
+    """
+    set_dir = Path(set_dir)
+    gen = pd.DataFrame(list(read_jsonl(set_dir / "samples.jsonl")))
+    if gen.empty:
+        return pd.DataFrame(columns=["index", "name", "badge"])
+    eval_path = set_dir / "eval.csv"
+    if eval_path.is_file():
+        ev = pd.read_csv(eval_path)
+        # eval.csv names each row by its raw file (0003.txt); the evaluation's columns win over the generation
+        # record's (its detected space group rather than the stated one).
+        ev["name"] = [Path(f).stem for f in ev["file"]] if "file" in ev.columns else gen["name"][: len(ev)]
+        gen = gen.drop(columns=[c for c in ev.columns if c in gen.columns and c != "name"])
+        df = gen.merge(ev, on="name", how="left")
+    else:
+        df = gen
+    if "is_valid" in df.columns:
+        parsed = df["parse_ok"].fillna(False).astype(bool) if "parse_ok" in df.columns else df["postprocess_ok"]
+        valid = df["is_valid"].fillna(False).astype(bool)
+        df["badge"] = ["valid" if v else ("invalid" if p else "unparsable") for v, p in zip(valid, parsed)]
+    else:
+        df["badge"] = ["not evaluated" if ok else "unparsable" for ok in df["postprocess_ok"]]
+    return df
+
+
+def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
+    """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files."""
+    import io
+    import zipfile
+
+    set_dir = Path(set_dir)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for sub in ("processed", "raw"):
+            for f in sorted((set_dir / sub).glob("*")):
+                zf.write(f, f"{set_dir.name}/{sub}/{f.name}")
+        for name in ("config.json", "samples.jsonl", "eval.csv", "eval_summary.json"):
+            if (set_dir / name).is_file():
+                zf.write(set_dir / name, f"{set_dir.name}/{name}")
+    return buf.getvalue()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if ensure_3dmol_js(download=not args.offline) is None:
+        print(f"warning: {asset_status()}; 3D views will fall back to a simple plot", file=sys.stderr)
+    settings = get_settings()
+    print(f"crystallab dashboard: runs in {settings.runs_dir}; open http://{args.address}:{args.port}/"
+          f"{args.base_url_path.strip('/')}", file=sys.stderr)
+    cmd = streamlit_command(args.port, args.address, args.base_url_path)
+    # Streamlit reads .streamlit/config.toml from the working directory: serve from the checkout.
+    os.chdir(REPO_ROOT)
+    os.execv(cmd[0], cmd)  # replace this process so Ctrl-C and service managers talk to Streamlit directly
+    return 0  # not reached
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("dashboard", help="start the Streamlit lab (127.0.0.1:8501 by default)")
+    p.add_argument("--port", type=int, default=8501, help="TCP port (default 8501)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; use an SSH tunnel to reach it remotely)")
+    p.add_argument("--base-url-path", default="", help="serve under this URL path, e.g. 'lab' for /lab/")
+    p.add_argument("--offline", action="store_true",
+                   help="do not try to fetch 3Dmol.js from the npm registry if it is not cached")
+    p.set_defaults(func=_run)

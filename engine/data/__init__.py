@@ -1,0 +1,1 @@
+"""Training data: input sources (folders, archives, CSVs, token folders), token datasets, the built-in generated corpus."""

@@ -1,0 +1,753 @@
+"""Sweeps: sample and evaluate every combination of checkpoints x prompts x temperatures x top-k x top-p x n x seeds.
+
+A sweep config is a YAML mapping (fields of `SweepConfig`; the seed experiments are ``configs/sweep_*.yaml``)::
+
+    name: three_ckpts_na2cl2
+    checkpoints:                  # label -> checkpoint file; relative paths are under the runs root
+      small: pretrained/crystallm_v1_small/ckpt.pt
+      nacl10: train/nacl_ft_small/ckpt/best.pt
+    prompts: [Na2Cl2, {formula: NaCl, z: 4, spacegroup: Fm-3m}]
+    temperatures: [0.8]
+    top_k: [10]
+    n: [200]
+    seeds: [1]
+
+A prompt is a cell composition as written on the ``data_`` line (``Na2Cl2``; ``MgO`` is a one-formula-unit cell),
+or a mapping with ``formula`` (a reduced formula unit when ``z`` is given), ``z`` and ``spacegroup``; an empty
+formula (``""``) is the unconditional prompt ``data_``.
+
+The sweep folder (``runs/sweeps/<name>/`` unless ``--out``) holds ``sweep.yaml`` (the resolved config),
+``status.json`` (the run-folder status plus ``cells_done``, ``cells_total``, ``current_cell``, ``cells_redone`` and
+``cells_failed``, each with its reason), one sample set per cell under ``cells/<cell>/`` (ARCHITECTURE.md:
+``config.json``, ``raw/``, ``processed/``, ``samples.jsonl``, ``eval.csv``, ``eval_summary.json``), and the tables
+of `engine.evaluate.report`: ``summary.csv``, ``summary_macro.csv``, ``summary.md`` and ``samples.csv`` (every sample of
+every cell).
+
+Cells are named deterministically, ``<checkpoint>__<prompt>__T0.8_k10_p1.0_n100_s1``, so running the same config
+again resumes: a cell is finished when its ``eval_summary.json`` exists, its ``config.json`` records the sha256
+of the file now at the checkpoint's path and the same prompt and sampling settings. A cell sampled with another
+checkpoint or other settings is deleted and redone (the ``redo`` progress event and ``cells_redone`` say why); a
+cell sampled but not yet evaluated is only evaluated. Each checkpoint is loaded once. Evaluation of a cell runs in
+a background thread (which drives the evaluator's worker processes) while the next cell is sampled (``overlap``).
+A ``STOP`` file in the sweep folder stops the sweep at the sampler's next progress report (Ctrl-C at once): the
+cell being sampled is discarded, the evaluation under way is finished, and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from engine.crystal.prompts import Prompt, build_prompts, parse_formula_spec
+from engine.lab.errors import CheckpointError, ConfigError, CrystallabError, InputError, PromptError
+from engine.lab.fsutil import atomic_write_text, read_json
+from engine.lab.settings import get_settings
+from engine.train.config import parse_key_value, read_yaml_mapping
+
+log = logging.getLogger(__name__)
+
+STOP_FILE = "STOP"
+"""A file of this name in the sweep folder asks the sweep to stop (as for training runs)."""
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_LIST_KEYS = ("temperatures", "top_k", "top_p", "n", "seeds")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep samples and how; written resolved to the sweep folder's ``sweep.yaml``."""
+
+    name: str = "sweep"
+    """Sweep name; the folder is ``runs/sweeps/<name>`` unless ``--out`` is given (letters, digits, ``._-``)."""
+    description: str = ""
+    """Free text shown at the top of ``summary.md``."""
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    """Label -> checkpoint file. Relative paths are under the runs root (``train/<run>/ckpt/best.pt``)."""
+    prompts: tuple[dict[str, Any], ...] = ()
+    """Prompts: a cell composition (``Na2Cl2``) or ``{formula, z, spacegroup}``; ``""`` is unconditional."""
+    temperatures: tuple[float, ...] = (0.8,)
+    """Softmax temperatures (0 = greedy)."""
+    top_k: tuple[int, ...] = (10,)
+    """Top-k filters (0 = off)."""
+    top_p: tuple[float, ...] = (1.0,)
+    """Nucleus (top-p) filters, in (0, 1] (1 = off)."""
+    n: tuple[int, ...] = (100,)
+    """Samples per cell."""
+    seeds: tuple[int, ...] = (1337,)
+    """Sampling seeds; each seed is its own cell (same seed, same samples)."""
+    max_new_tokens: int = 3000
+    """Token budget per sample."""
+    batch_size: int | None = None
+    """Rows decoded together (None: the sampler's default, capped at n)."""
+    constrain: bool = True
+    """Restrict element tokens to the prompt's elements and the H-M token to space-group symbols."""
+    device: str = "auto"
+    """``auto`` (CUDA when visible), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    eval_workers: int | None = None
+    """Evaluator worker processes (None: one per CPU core)."""
+    eval_timeout_s: float = 30.0
+    """Time box per sample's checks, in seconds; a sample over it is recorded as ``timeout``."""
+    train_dataset: str | None = None
+    """Token dataset (name under ``runs/data/`` or a folder) whose training CIFs define novelty; None: no novelty."""
+    overlap: bool = True
+    """Evaluate each cell in the background while the next is sampled; false: one after the other (timing)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready mapping (tuples as lists)."""
+        d = asdict(self)
+        for key in (*_LIST_KEYS, "prompts"):
+            d[key] = list(d[key])
+        return d
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sample set of a sweep: a checkpoint, a prompt and one value of every sampling axis."""
+
+    name: str
+    checkpoint: str
+    prompt: Prompt
+    temperature: float
+    top_k: int
+    top_p: float
+    n: int
+    seed: int
+
+
+def key_docs() -> dict[str, str]:
+    """One-line description of every config key (for ``crystallab sweep --keys``)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(SweepConfig)).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: YAML + overrides -> validated SweepConfig
+
+
+def _fail(source: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {message}")
+
+
+def _number(source: str, key: str, value: Any, kind: type) -> Any:
+    """``value`` as an int or a finite float; strings such as ``1e-3`` (YAML reads them as text) are accepted."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(source, f"{key} must be a number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise _fail(source, f"{key} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _axis(source: str, key: str, value: Any, kind: type) -> tuple:
+    """A grid axis: one value, a YAML list, or comma-separated text (``--set temperatures=0.8,0.6``)."""
+    if isinstance(value, str) and "," in value:
+        value = [v for v in value.split(",") if v.strip()]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise _fail(source, f"{key} is empty; give at least one value")
+    out = tuple(_number(source, key, v, kind) for v in values)
+    if len(set(out)) != len(out):
+        raise _fail(source, f"{key} lists a value twice ({list(out)}); each value makes its own cells")
+    return out
+
+
+def _prompt_spec(source: str, i: int, value: Any) -> dict[str, Any]:
+    if value is None or isinstance(value, str):
+        return {"formula": (value or "").strip(), "z": None, "spacegroup": None}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"formula", "z", "spacegroup"})
+        if unknown:
+            raise _fail(source, f"prompts[{i}] has unknown key(s) {unknown}; use formula, z and spacegroup")
+        z = value.get("z")
+        if z is not None:
+            z = _number(source, f"prompts[{i}].z", z, int)
+        sg = value.get("spacegroup")
+        return {"formula": str(value.get("formula") or "").strip(), "z": z,
+                "spacegroup": None if sg in (None, "") else str(sg).strip()}
+    raise _fail(source, f"prompts[{i}] must be a formula (Na2Cl2) or a mapping {{formula, z, spacegroup}}, "
+                        f"got {value!r}")
+
+
+def resolve_prompt(spec: dict[str, Any]) -> Prompt:
+    """The one prompt a sweep prompt spec names (a formula without Z is the cell as written).
+
+    Raises:
+        PromptError: the formula, Z or space group cannot be expressed in the CrystaLLM vocabulary.
+    """
+    formula, z, sg = spec.get("formula") or None, spec.get("z"), spec.get("spacegroup")
+    if formula and z is None:
+        counts = parse_formula_spec(formula)
+        if math.gcd(*counts.values()) == 1:
+            z = 1  # build_prompts would try six Z values; a sweep prompt is exactly the cell written
+    prompts = build_prompts(formula, z=z, spacegroup=sg)
+    return prompts[0]
+
+
+def config_from_dict(raw: Any, source: str = "sweep config") -> SweepConfig:
+    """Build and validate a `SweepConfig` from a mapping (YAML document with overrides applied).
+
+    Raises:
+        ConfigError: unknown key (with close matches), wrong type or impossible value; the message names the key.
+    """
+    if not isinstance(raw, dict):
+        raise _fail(source, f"must be a YAML mapping of key: value lines, got {type(raw).__name__}")
+    known = [f.name for f in fields(SweepConfig)]
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        parts = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+            parts.append(f"{key!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise _fail(source, f"unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
+                            "`crystallab sweep --keys` lists the keys")
+    v: dict[str, Any] = {}
+    for key in ("name", "description", "device"):
+        if key in raw:
+            if not isinstance(raw[key], (str, int, float)) or isinstance(raw[key], bool):
+                raise _fail(source, f"{key} must be text, got {raw[key]!r}")
+            v[key] = str(raw[key]).strip()
+    for key, kind in (("temperatures", float), ("top_k", int), ("top_p", float), ("n", int), ("seeds", int)):
+        if key in raw:
+            v[key] = _axis(source, key, raw[key], kind)
+    if "max_new_tokens" in raw:
+        v["max_new_tokens"] = _number(source, "max_new_tokens", raw["max_new_tokens"], int)
+    for key, kind in (("batch_size", int), ("eval_workers", int), ("eval_timeout_s", float)):
+        if raw.get(key) is not None:
+            v[key] = _number(source, key, raw[key], kind)
+    for key in ("constrain", "overlap"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise _fail(source, f"{key} must be true or false, got {raw[key]!r}")
+            v[key] = raw[key]
+    if raw.get("train_dataset") not in (None, ""):
+        v["train_dataset"] = str(raw["train_dataset"])
+    ckpts = raw.get("checkpoints")
+    if not isinstance(ckpts, dict) or not ckpts:
+        raise _fail(source, "checkpoints must map at least one label to a checkpoint file, e.g. "
+                            "checkpoints: {small: pretrained/crystallm_v1_small/ckpt.pt}")
+    v["checkpoints"] = {str(k): str(p) for k, p in ckpts.items()}
+    prompts = raw.get("prompts")
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise _fail(source, "prompts must list at least one prompt, e.g. prompts: [Na2Cl2, MgO]")
+    v["prompts"] = tuple(_prompt_spec(source, i, p) for i, p in enumerate(prompts))
+    return validate(SweepConfig(**v), source)
+
+
+def validate(config: SweepConfig, source: str = "sweep config") -> SweepConfig:
+    """Refuse impossible values; return the config when it is sound (checkpoint files are checked at run time)."""
+    c = config
+    if not _LABEL_RE.match(c.name):
+        raise _fail(source, f"name {c.name!r} names a folder: use letters, digits, '.', '_' and '-'")
+    for label, path in c.checkpoints.items():
+        if not _LABEL_RE.match(label) or "__" in label:
+            raise _fail(source, f"checkpoint label {label!r} is part of folder names: use letters, digits, "
+                                "'.', '_' and '-' (no '__')")
+        if not path.strip():
+            raise _fail(source, f"checkpoint {label!r} has an empty path")
+    if any(t < 0 for t in c.temperatures):
+        raise _fail(source, f"temperatures must be >= 0 (0 = greedy), got {list(c.temperatures)}")
+    if any(k < 0 for k in c.top_k):
+        raise _fail(source, f"top_k must be >= 0 (0 = off), got {list(c.top_k)}")
+    if any(not 0 < p <= 1 for p in c.top_p):
+        raise _fail(source, f"top_p must be in (0, 1] (1 = off), got {list(c.top_p)}")
+    if any(n < 1 for n in c.n):
+        raise _fail(source, f"n must be at least 1 sample per cell, got {list(c.n)}")
+    if c.max_new_tokens < 1:
+        raise _fail(source, f"max_new_tokens must be at least 1, got {c.max_new_tokens}")
+    for key in ("batch_size", "eval_workers"):
+        if getattr(c, key) is not None and getattr(c, key) < 1:
+            raise _fail(source, f"{key} must be at least 1 (or null for the default), got {getattr(c, key)}")
+    if c.eval_timeout_s <= 0:
+        raise _fail(source, f"eval_timeout_s must be positive seconds, got {c.eval_timeout_s}")
+    if not _DEVICE_RE.match(c.device):
+        raise _fail(source, f"device must be auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
+    slugs: dict[str, int] = {}
+    for i, spec in enumerate(c.prompts):
+        try:
+            slug = prompt_slug(resolve_prompt(spec))
+        except PromptError as exc:
+            raise _fail(source, f"prompts[{i}] ({spec.get('formula') or 'unconditional'}): {exc}") from None
+        if slug in slugs:
+            raise _fail(source, f"prompts[{slugs[slug]}] and prompts[{i}] are the same prompt ({slug})")
+        slugs[slug] = i
+    return config
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (lists allowed: ``temperatures=[0.8,0.6]``).
+
+    ``checkpoints.LABEL=PATH`` adds or replaces one checkpoint.
+    """
+    return parse_key_value(item, "n=20")
+
+
+def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read a sweep YAML file, apply ``--set`` overrides in order, validate.
+
+    Raises:
+        ConfigError: missing file, not YAML, or a refused key/value (the message says which and what to do).
+    """
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        raw = read_yaml_mapping(path, "sweep config", "see configs/sweep_*.yaml")
+    for item in overrides:
+        key, value = parse_set(item)
+        if key.startswith("checkpoints."):
+            ckpts = dict(raw.get("checkpoints") or {})
+            ckpts[key.split(".", 1)[1]] = value
+            raw["checkpoints"] = ckpts
+        else:
+            raw[key] = value
+    return config_from_dict(raw, source)
+
+
+def dump_sweep_config(config: SweepConfig) -> str:
+    """YAML text of a resolved config (what ``sweep.yaml`` holds); `load_sweep_config` reads it back."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cells
+
+
+def prompt_slug(prompt: Prompt) -> str:
+    """Folder-safe prompt name: ``Na2Cl2``, ``Na4Cl4_Fm-3m``, ``P2_1_c`` slashes as ``_``, ``unconditional``."""
+    if prompt.formula is None:
+        return "unconditional"
+    return prompt.formula + (f"_{prompt.spacegroup.replace('/', '_')}" if prompt.spacegroup else "")
+
+
+def cell_name(checkpoint: str, prompt: Prompt, temperature: float, top_k: int, top_p: float, n: int,
+              seed: int) -> str:
+    """``<checkpoint>__<prompt>__T0.8_k10_p1.0_n100_s1`` (floats in Python's shortest round-trip form)."""
+    return (f"{checkpoint}__{prompt_slug(prompt)}__T{float(temperature)!r}_k{top_k}_p{float(top_p)!r}"
+            f"_n{n}_s{seed}")
+
+
+def plan_cells(config: SweepConfig) -> list[Cell]:
+    """Every cell in run order: checkpoint outermost (each is loaded once), then prompt, T, k, p, n, seed."""
+    prompts = [resolve_prompt(spec) for spec in config.prompts]
+    cells = []
+    for label in config.checkpoints:
+        for prompt in prompts:
+            for t in config.temperatures:
+                for k in config.top_k:
+                    for p in config.top_p:
+                        for n in config.n:
+                            for s in config.seeds:
+                                cells.append(Cell(cell_name(label, prompt, t, k, p, n, s), label, prompt,
+                                                  t, k, p, n, s))
+    return cells
+
+
+def resolve_checkpoint_path(path: str) -> Path:
+    """A checkpoint path from a sweep config: absolute as given, relative under the runs root."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else get_settings().runs_dir / p).resolve()
+
+
+def resolve_out_dir(out: str | os.PathLike | None, name: str) -> Path:
+    """``--out`` (relative paths under ``runs/sweeps/``), or ``runs/sweeps/<name>``.
+
+    Raises:
+        InputError: the path, or a folder above it, is an existing file (a sweep folder cannot be made there).
+    """
+    root = get_settings().sweeps_dir
+    if out is None:
+        p = root / name
+    else:
+        p = Path(out).expanduser()
+        p = p if p.is_absolute() else root / p
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise InputError(f"sweep folder {p} {where}: give --out a folder (new, or a sweep to resume)")
+            break
+    return p
+
+
+def _stale_reason(cell: Cell, config: SweepConfig, recorded: dict, sha256: str) -> str | None:
+    """Why a sampled cell cannot be reused, or None when it was sampled as this sweep asks now."""
+    old_sha = (recorded.get("checkpoint") or {}).get("sha256")
+    if old_sha != sha256:
+        return (f"the checkpoint at its path changed since it was sampled (sha256 {str(old_sha)[:12]} -> "
+                f"{sha256[:12]})")
+    if (recorded.get("prompt") or {}).get("text") != cell.prompt.text:
+        return "its prompt text differs from this sweep's"
+    want = {"n": cell.n, "temperature": cell.temperature, "top_k": cell.top_k, "top_p": cell.top_p,
+            "seed": cell.seed, "max_new_tokens": config.max_new_tokens, "constrain": config.constrain}
+    had = recorded.get("sampling") or {}
+    changed = [f"{k} {had.get(k)!r} -> {v!r}" for k, v in want.items() if had.get(k) != v]
+    return f"its sampling settings changed ({', '.join(changed)})" if changed else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+class _StopRequested(Exception):
+    """Raised inside sampling when the sweep folder holds a ``STOP`` file."""
+
+
+Progress = Callable[[str, "Cell | None", dict[str, Any]], None]
+"""``progress(event, cell, status)``, called in the sweep's thread. Events: ``skip`` (finished cell kept),
+``redo`` (``status["message"]`` says why), ``sample``, ``sampled``, ``evaluated``, ``eval_failed``."""
+
+
+def _dataset_dir(name: str) -> Path:
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return p
+    settings = get_settings()
+    return settings.datasets_dir / name if (settings.datasets_dir / name).is_dir() else settings.runs_dir / name
+
+
+def _lock(out: Path):
+    """Hold an exclusive lock on the sweep folder (released by the kernel if this process dies)."""
+    import fcntl
+
+    fh = open(out / ".sweep.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(f"sweep folder {out} is in use by another running sweep: wait for it, stop it "
+                          "(a STOP file in that folder), or choose another --out") from None
+    return fh
+
+
+class _Sweep:
+    """State of one `run_sweep` call: status file, cell bookkeeping, the background evaluator.
+
+    Only the sweep's own thread touches the bookkeeping and writes the status; the evaluator thread just runs
+    `evaluate_sample_set` on one cell folder at a time, and `collect` picks up its results.
+    """
+
+    def __init__(self, config: SweepConfig, out: Path, progress: Progress | None) -> None:
+        from engine.lab.runs import RunFolder
+
+        self.config, self.out, self.progress = config, out, progress
+        self.cells_dir = out / "cells"
+        self.folder = RunFolder(out)
+        self.cells = plan_cells(config)
+        self.done: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.redone: dict[str, str] = {}
+        self.errors: list[BaseException] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-eval")
+        self.futures: dict[str, Future] = {}
+        self.train_index = None
+
+    # --- status ---
+    def status(self, event: str | None, cell: Cell | None, **fields: Any) -> dict[str, Any]:
+        status = self.folder.write_status(
+            cells_total=len(self.cells), cells_done=len(self.done), cells_failed=self.failed,
+            cells_redone=self.redone, **fields,
+        )
+        if event is not None and self.progress is not None:
+            self.progress(event, cell, status)
+        return status
+
+    def stop_requested(self) -> bool:
+        return (self.out / STOP_FILE).exists()
+
+    # --- evaluation in the background ---
+    def _evaluate(self, cell: Cell) -> None:
+        from engine.evaluate.evaluation import evaluate_sample_set
+
+        evaluate_sample_set(self.cells_dir / cell.name, workers=self.config.eval_workers,
+                            timeout_s=self.config.eval_timeout_s, train_index=self.train_index)
+
+    def submit_eval(self, cell: Cell) -> None:
+        self.futures[cell.name] = self.pool.submit(self._evaluate, cell)
+
+    def collect(self, wait: bool) -> None:
+        """Record finished evaluations (all of them when ``wait``) and refresh the summary."""
+        changed = False
+        for name, fut in list(self.futures.items()):
+            if not (wait or fut.done()):
+                continue
+            if fut.cancelled():
+                del self.futures[name]
+                continue
+            exc = fut.exception()  # blocks until this evaluation ends
+            del self.futures[name]
+            cell = next(c for c in self.cells if c.name == name)
+            changed = True
+            if exc is None:
+                self.done.add(name)
+                self.status("evaluated", cell, message=f"evaluated {name}")
+            else:
+                if not isinstance(exc, CrystallabError):
+                    log.error("evaluating %s failed", name, exc_info=exc)
+                self.errors.append(exc)
+                self.failed[name] = f"evaluation failed: {exc}"
+                self.status("eval_failed", cell, message=f"evaluation of {name} failed: {exc}")
+        if changed:
+            self.write_report(with_samples=False)
+
+    def write_report(self, with_samples: bool) -> None:
+        from engine.evaluate.report import write_sweep_report
+
+        write_sweep_report(self.out, [c.name for c in self.cells if c.name in self.done],
+                           checkpoints=self.config.checkpoints, title=self.config.name,
+                           description=self.config.description, with_samples=with_samples)
+
+
+def _classify(sweep: _Sweep, infos: dict[str, dict]) -> dict[str, str]:
+    """``done`` / ``sampled`` (evaluate only) / ``todo`` per cell; stale cells are deleted and reported."""
+    state = {}
+    for cell in sweep.cells:
+        cell_dir = sweep.cells_dir / cell.name
+        recorded = read_json(cell_dir / "config.json")
+        if recorded is None:
+            if cell_dir.exists():
+                shutil.rmtree(cell_dir)  # not a sample set (the sampler renames a set into place complete)
+            state[cell.name] = "todo"
+            continue
+        reason = _stale_reason(cell, sweep.config, recorded, infos[cell.checkpoint]["sha256"])
+        if reason is not None:
+            shutil.rmtree(cell_dir)
+            sweep.redone[cell.name] = reason
+            state[cell.name] = "todo"
+            sweep.status("redo", cell, message=f"redoing {cell.name}: {reason}")
+        elif (cell_dir / "eval_summary.json").exists():
+            sweep.done.add(cell.name)
+            state[cell.name] = "done"
+            sweep.status("skip", cell, message=f"{cell.name} is finished")
+        else:
+            state[cell.name] = "sampled"
+    return state
+
+
+def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
+    from engine.models.checkpoint import checkpoint_info
+
+    infos = {}
+    for label, path in config.checkpoints.items():
+        p = resolve_checkpoint_path(path)
+        if not p.is_file():
+            raise CheckpointError(
+                f"checkpoint {label!r}: {p} does not exist (relative paths are under the runs root "
+                f"{get_settings().runs_dir}): train or copy the checkpoint there, or point "
+                f"checkpoints.{label} at it (e.g. --set checkpoints.{label}=/path/to/ckpt.pt)"
+            )
+        infos[label] = checkpoint_info(p)
+        if infos[label]["problem"]:
+            raise CheckpointError(f"checkpoint {label!r} ({p}) cannot be used: {infos[label]['problem']}")
+    return infos
+
+
+def _sample_cell(model: Any, info: dict, cell: Cell, sweep: _Sweep, device: Any) -> None:
+    """Write one cell's sample set (evaluation follows in the background)."""
+    from engine.sample.sampler import write_sample_set
+
+    def check_stop(done: int, total: int) -> None:
+        if sweep.stop_requested():
+            raise _StopRequested
+
+    c = sweep.config
+    write_sample_set(
+        model, info, cell.prompt, sweep.cells_dir / cell.name, n=cell.n, temperature=cell.temperature,
+        top_k=cell.top_k, top_p=cell.top_p, max_new_tokens=c.max_new_tokens, seed=cell.seed,
+        batch_size=c.batch_size, device=device, constrain=c.constrain, evaluate=False, progress=check_stop,
+    )
+
+
+def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
+              progress: Progress | None = None) -> Path:
+    """Run (or resume) a sweep: sample and evaluate every cell not already finished, then write the report.
+
+    Args:
+        config: A validated `SweepConfig` (`load_sweep_config`).
+        out_dir: Sweep folder; relative paths are under ``runs/sweeps/`` (default ``runs/sweeps/<name>``).
+        progress: Optional `Progress` callback.
+
+    Returns:
+        The sweep folder.
+
+    Raises:
+        CheckpointError: a checkpoint file is missing or unusable (checked before anything is sampled).
+        ConfigError: the device is unavailable, or another sweep is running in the same folder.
+        InputError: ``out_dir`` is an existing file.
+        Exception: the first evaluation error, re-raised after every other cell ran and the report was written.
+    """
+    import torch
+
+    from engine.models.checkpoint import checkpoint_sha256, load_model
+    from engine.sample.sampler import resolve_device
+
+    out = resolve_out_dir(out_dir, config.name).resolve()
+    device = resolve_device(config.device)
+    if device.type == "cpu" and config.overlap and "OMP_NUM_THREADS" not in os.environ:
+        # Sampling shares the CPU with the evaluator's worker processes; oversubscribed torch threads spin
+        # against them (measured 10-100x slower on 2 cores), so sampling keeps only the cores they leave.
+        workers = config.eval_workers or os.cpu_count() or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    infos = _checkpoint_infos(config)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    sweep = _Sweep(config, out, progress)
+    try:
+        (out / "cells").mkdir(exist_ok=True)
+        for partial in (out / "cells").glob(".*.partial-*"):
+            shutil.rmtree(partial)  # a sample set being written when a previous sweep was killed
+        atomic_write_text(out / "sweep.yaml", dump_sweep_config(config))
+        sweep.folder.write_env(str(device))  # version, git commit, device: the report states them
+        sweep.status(None, None, state="running", pid=os.getpid(), host=_host(), error=None, device=str(device),
+                     current_cell=None, message="starting")
+        state = _classify(sweep, infos)
+        if config.train_dataset and any(s != "done" for s in state.values()):
+            from engine.evaluate.evaluation import TrainingIndex
+
+            sweep.train_index = TrainingIndex.from_dataset(_dataset_dir(config.train_dataset))
+        for cell in sweep.cells:
+            if state[cell.name] == "sampled":
+                sweep.submit_eval(cell)
+        sweep.collect(wait=not config.overlap)
+        for label, info in infos.items():
+            todo = [c for c in sweep.cells if c.checkpoint == label and state[c.name] == "todo"]
+            if not todo:
+                continue
+            model, _ = load_model(info["path"], device)
+            if checkpoint_sha256(info["path"]) != info["sha256"]:
+                raise CheckpointError(f"checkpoint {label!r} ({info['path']}) changed while the sweep read it "
+                                      "(is a training run still writing it?); run the sweep again")
+            for cell in todo:
+                if sweep.stop_requested():
+                    raise _StopRequested
+                sweep.status("sample", cell, current_cell=cell.name, message=f"sampling {cell.name}")
+                _sample_cell(model, info, cell, sweep, device)
+                sweep.status("sampled", cell, message=f"sampled {cell.name}")
+                sweep.submit_eval(cell)
+                sweep.collect(wait=not config.overlap)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        sweep.status(None, None, current_cell=None, message="evaluating the last cells")
+        sweep.collect(wait=True)
+        sweep.write_report(with_samples=True)
+    except _StopRequested:
+        _wind_down(sweep)
+        sweep.status(None, None, state="stopped", current_cell=None, message="stopped on request")
+        return out
+    except KeyboardInterrupt:
+        _wind_down(sweep)
+        sweep.status(None, None, state="stopped", current_cell=None, message="interrupted (Ctrl-C)")
+        raise
+    except BaseException as exc:
+        _wind_down(sweep)
+        error = str(exc) or type(exc).__name__
+        sweep.status(None, None, state="failed", current_cell=None, error=error, message=f"failed: {error}")
+        raise
+    finally:
+        sweep.pool.shutdown(wait=True, cancel_futures=True)
+        (out / STOP_FILE).unlink(missing_ok=True)
+        lock.close()
+    if sweep.errors:
+        sweep.status(None, None, state="failed", error=str(sweep.errors[0]),
+                     message=f"{len(sweep.failed)} cell(s) failed; the others are in the report")
+        raise sweep.errors[0]
+    sweep.status(None, None, state="completed", current_cell=None,
+                 message=f"{len(sweep.done)}/{len(sweep.cells)} cells finished")
+    return out
+
+
+def _wind_down(sweep: _Sweep) -> None:
+    """After an interruption: drop queued evaluations (resumed next time), keep the one running, report."""
+    sweep.progress = None  # the caller's callback may be what interrupted the sweep
+    for fut in sweep.futures.values():
+        fut.cancel()
+    sweep.collect(wait=True)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _print_progress(event: str, cell: Cell | None, status: dict[str, Any]) -> None:
+    done, total = status.get("cells_done"), status.get("cells_total")
+    print(f"[{done}/{total}] {status.get('message', event)}", file=sys.stderr, flush=True)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, doc in key_docs().items():
+            print(f"{key:16s} {doc}")
+        return 0
+    if args.config is None:
+        raise ConfigError("give a sweep config file (see configs/sweep_*.yaml) or --keys")
+    config = load_sweep_config(args.config, args.set or [])
+    if args.check:
+        out = resolve_out_dir(args.out, config.name)  # refuses an unusable --out before printing anything
+        print(dump_sweep_config(config), end="")
+        print(f"# {len(plan_cells(config))} cells -> {out}")
+        return 0
+    out = run_sweep(config, args.out, progress=_print_progress)
+    status = read_json(out / "status.json", default={}) or {}
+    if status.get("state") == "stopped":
+        print(f"stopped; run the same command again to resume  ->  {out}")
+        return 1
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    print(f"->  {out}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``crystallab sweep``."""
+    p = subparsers.add_parser(
+        "sweep",
+        help="sample and evaluate checkpoints x prompts x temperatures x top-k x top-p x n; resumable",
+        description=(
+            "Run a sweep config (configs/sweep_*.yaml): one evaluated sample set per cell under "
+            "<out>/cells/, then summary.csv / summary.md. Running the same command again resumes: finished "
+            "cells are kept unless their checkpoint file or settings changed."
+        ),
+    )
+    p.add_argument("config", nargs="?", type=Path, help="sweep YAML file")
+    p.add_argument("--out", default=None,
+                   help="sweep folder; relative paths are under <runs>/sweeps (default <runs>/sweeps/<name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key (repeatable), value read as YAML: n=20, temperatures=[0.8,0.4], "
+                        "checkpoints.mine=train/run/ckpt/best.pt")
+    p.add_argument("--check", action="store_true", help="validate, print the resolved config and cell count; "
+                   "do not run")
+    p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
+    p.set_defaults(func=_run_cli)

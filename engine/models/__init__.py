@@ -1,0 +1,1 @@
+"""Model families behind one seam, and checkpoints. Today: CrystaLLM's GPT (`gpt.py`)."""

@@ -1,0 +1,1 @@
+"""Decoding: batched KV-cache sampling into sample-set folders."""

@@ -1,0 +1,732 @@
+"""Training runs: scratch, fine-tune and resume, with checkpoints and records a user can trust; CLI ``train``.
+
+Modes (``init_from``):
+
+- ``scratch``: a new model shaped by ``preset`` / ``n_layer`` ... .
+- ``finetune``: the weights of ``init_ckpt`` (ours or CrystaLLM's ``ckpt.pt``), a fresh optimizer, step 0, its own
+  warmup + cosine schedule; the source checkpoint is only read. A smaller ``block_size`` crops the position table.
+  Continued pretraining on a token subset (the seeds' "mix10000") is a fine-tune with ``max_iters`` = the budget.
+- ``resume``: continue an interrupted run in its own folder: weights, optimizer, loss scaler, early-stopping state
+  and schedule position come from ``ckpt/last.pt``; batches and dropout are drawn from ``(seed, step)``, so the
+  resumed losses are those the uninterrupted run would have had.
+
+Every evaluation (and the end, and a stop) writes ``ckpt/last.pt``; a validation improvement also makes it
+``ckpt/best.pt``. Checkpoints are written atomically (temporary file + rename), so a kill at any moment leaves a
+loadable ``last.pt``. A ``STOP`` file in the run folder, SIGINT or SIGTERM make the trainer finish its step, save
+and exit with state ``stopped``; before the first step (opening the data, building the model, the step-0
+evaluation) they end the run at once, also as ``stopped``, and the status says whether a checkpoint exists.
+An exception leaves state ``failed`` with the error, and the last good checkpoint.
+A dataset too small for the context is trained with shorter windows (`engine.train.batches.plan_context`); the run's
+log and ``status.json`` say so.
+
+Multi-GPU, same config, one process per GPU (rank 0 writes the run folder)::
+
+    torchrun --standalone --nproc_per_node=4 -m engine train configs/crystallm_v1_small.yaml
+
+``gradient_accumulation_steps`` counts micro-batches over all GPUs, so the effective batch does not change with
+the number of GPUs (it must be a multiple of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.lab.errors import ConfigError, CrystallabError, InputError
+from engine.lab.fsutil import sha256_file
+from engine.lab.runs import RunFolder
+from engine.lab.settings import get_settings
+from engine.models.checkpoint import load_checkpoint, save_checkpoint
+from engine.models.gpt import GPT, GPTConfig
+from engine.train.batches import ContextPlan, WindowSampler, derive_seed, plan_context
+from engine.train.config import (
+    TrainConfig,
+    dump_config,
+    field_docs,
+    load_config,
+    resolve_ckpt_path,
+    resolve_run_dir,
+)
+from engine.train.setup import (
+    RESUME_IDENTITY_KEYS,
+    Dist,
+    SignalStop,
+    StopFlag,
+    StopRequested,
+    Tracker,
+    apply_freezing,
+    lr_at,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger("engine.train.trainer")
+
+
+def _process_start_time() -> float:
+    """When this process started, in seconds since the epoch (Linux ``/proc``; elsewhere: when this module loaded)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_PROCESS_STARTED = _process_start_time()  # a STOP file older than this was left by an earlier process
+
+
+def train(
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_event: StopFlag | None = None,
+) -> Path:
+    """Train as ``config`` says and return the run folder.
+
+    Args:
+        config: A validated config (`engine.train.config.load_config`).
+        run_dir: Run folder to create (or to resume); default ``out_dir`` or a new ``runs/train/<time>-<name>``.
+        progress: Show a tqdm progress bar (loss, learning rate, ETA) on stderr.
+        stop_event: Anything with ``is_set()`` (e.g. ``threading.Event``); checked every step, like ``STOP``.
+
+    Raises:
+        ConfigError: the config, dataset or checkpoint cannot be used together (nothing is trained).
+        CheckpointError: ``init_ckpt`` cannot be loaded.
+        InputError: the dataset folder or the run folder cannot be used.
+        StopRequested: SIGINT / SIGTERM arrived before the run folder existed (nothing was written). A stop
+            after that returns normally with state ``stopped``.
+    """
+    dist = Dist.from_env()
+    # Signals are caught from the start: a stop while the data opens, the model builds or the step-0 evaluation
+    # runs (minutes on a large model) must end as "stopped", not kill the process under a "running" status.
+    with SignalStop(immediate=True) as signals:
+        if dist.world_size > 1 and not torch.distributed.is_initialized():
+            use_nccl = torch.cuda.is_available() and config.device != "cpu"
+            torch.distributed.init_process_group(backend="nccl" if use_nccl else "gloo")
+        session = _Session(config, run_dir, dist, stop_event, progress, signals)
+        try:
+            return session.run()
+        finally:
+            session.close()
+
+
+class _Session:
+    """One training process: sources, model, optimizer, samplers and the run folder it reports to."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path | None, dist: Dist, stop_event: StopFlag | None,
+                 progress: bool, signals: SignalStop) -> None:
+        self.dist, self.main, self.stop_event, self.progress = dist, dist.is_main, stop_event, progress
+        self.signals, self.phase = signals, "setup"
+        self.device = resolve_device(config, dist)
+        self.dtype = resolve_dtype(config, self.device)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before any collective: NCCL uses the current device
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (~1e-3 relative)
+            torch.backends.cudnn.allow_tf32 = True
+        if config.gradient_accumulation_steps % dist.world_size:
+            raise ConfigError(
+                f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be a multiple of the "
+                f"number of processes ({dist.world_size}) so the effective batch stays the same"
+            )
+        self.accum = config.gradient_accumulation_steps // dist.world_size
+        self.ds = _open_dataset(config.dataset, dist)
+        self.handlers: list[logging.Handler] = []
+        # Rank 0 resolves everything and creates the folder; the other ranks get the resolved config from it.
+        config, self.run_folder, self.ckpt, self.parent = _resolve_sources(config, run_dir, dist)
+        self.resuming = config.init_from == "resume"
+        if self.resuming and self.main:
+            _check_resume_data(config, self.ckpt, self.ds)
+        self.plan: ContextPlan = plan_context(config.block_size, len(self.ds.train), len(self.ds.val),
+                                              can_lower_model=config.init_from == "scratch")
+        self.config = replace(config, block_size=self.plan.model_block_size)
+        if self.main:
+            self.handlers = _attach_log(self.run_folder)
+
+    def close(self) -> None:
+        for h in self.handlers:
+            log.removeHandler(h)
+            h.close()
+
+    # --- setup ---
+    def _build(self) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)  # weight init
+        if self.ckpt is None:
+            self.model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                                       bias=c.bias, dropout=c.dropout))
+        else:
+            shape = GPTConfig.from_model_args(self.ckpt.model_args)
+            self.model = GPT(replace(shape, dropout=c.dropout))
+            self.model.load_state_dict(self.ckpt.state_dict)
+            if c.block_size < shape.block_size:
+                # Before the optimizer exists: the cropped table is a new parameter, nothing stale refers to it.
+                self.model.crop_block_size(c.block_size)
+                self._info("cropped the position table from %d to %d tokens", shape.block_size, c.block_size)
+        self._info("%s; %s non-embedding parameters", apply_freezing(self.model, c), f"{self.model.num_params():,}")
+        self.model.to(self.device)
+        self.optimizer = self.model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2),
+                                                         self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        self.tracker = Tracker(c.early_stopping_patience, c.early_stopping_min_delta)
+        self.start_step = 0
+        if self.resuming:
+            self.optimizer.load_state_dict(self.ckpt.optimizer_state)
+            extra = self.ckpt.extra or {}
+            if extra.get("scaler"):
+                self.scaler.load_state_dict(extra["scaler"])
+            if extra.get("tracker"):
+                self.tracker.load_state_dict(extra["tracker"])
+            self.start_step = int(self.ckpt.iter_num)
+        self.ckpt = None  # the weights live in the model now; drop the checkpoint's copy
+        self.fwd = torch.compile(self.model) if c.compile else self.model
+        self.step_model = self.fwd
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = DDP(self.fwd, device_ids=ids)
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.dtype))
+                         if self.dtype != "float32" else nullcontext())
+
+        starts = self.ds.train_starts if c.starts_only else None
+        self.train_sampler = WindowSampler(self.ds.train, self.plan.train_window, c.batch_size, c.seed, starts)
+        self.eval_samplers = {"train": self.train_sampler}
+        if self.plan.val_window:
+            self.eval_samplers["val"] = WindowSampler(self.ds.val, self.plan.val_window, c.batch_size, c.seed,
+                                                      self.ds.val_starts if c.starts_only else None)
+        self.tokens_per_step = c.batch_size * self.plan.train_window * c.gradient_accumulation_steps
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- pieces of the loop ---
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.main:
+            log.info(msg, *args)
+
+    @torch.no_grad()
+    def estimate(self) -> dict[str, float]:
+        """Mean loss per split over ``eval_iters`` fixed batches (the same windows at every evaluation)."""
+        self.fwd.eval()
+        out = {}
+        for split, sampler in self.eval_samplers.items():
+            losses = []
+            for k in range(self.config.eval_iters):
+                if self.signals.immediate:
+                    self._stop_during_setup()  # the step-0 evaluation of a large model can take minutes
+                x, y = sampler.batch("eval", split, k, device=self.device)
+                with self.autocast:
+                    losses.append(self.fwd(x, y)[1].float())
+            out[split] = torch.stack(losses).mean().item()
+        self.fwd.train()
+        return out
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step; returns (mean micro-batch loss, gradient norm before clipping, lr), on device."""
+        c = self.config
+        lr = lr_at(step, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derive_seed(c.seed, "dropout", step, self.dist.rank))  # dropout is a function of step
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.train_sampler.batch("train", step, micro, self.dist.rank, device=self.device)  # (B, T)
+            last = micro == self.accum - 1
+            sync = self.step_model.no_sync() if self.dist.world_size > 1 and not last else nullcontext()
+            with sync, self.autocast:
+                loss = self.step_model(x, y)[1] / self.accum  # the mean over micro-batches, not their sum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, lr
+
+    def save(self, name: str, step: int) -> Path:
+        path = self.run_folder.ckpt_dir / f"{name}.pt"
+        meta = {"run": self.run_folder.name, "step": step, "data_fingerprint": self.ds.fingerprint,
+                "parent": self.parent}
+        extra = {"mode": self.config.init_from, "tracker": self.tracker.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, iter_num=step,
+                        best_val_loss=self.tracker.best if math.isfinite(self.tracker.best) else None,
+                        config=self.config.to_dict(), meta=meta, extra=extra)
+        return path
+
+    def _stop_during_setup(self) -> None:
+        """Raise `StopRequested` for a signal caught in a status write, or a ``STOP`` file written during setup.
+
+        ``stop_event`` is left to the loop (checked once per step). With several processes only signals count
+        here: rank 0 alone reads the ``STOP`` file, and leaving alone would hang the others in a collective.
+        """
+        self.signals.raise_if_set()
+        if self.main and self.dist.world_size == 1 and self.run_folder.stop_requested():
+            raise StopRequested("a STOP request")
+
+    def stop_requested(self, signals: SignalStop) -> bool:
+        flag = signals.flag or bool(self.stop_event and self.stop_event.is_set())
+        flag = flag or (self.main and self.run_folder.stop_requested())
+        return bool(self._all_ranks_max(int(flag)))
+
+    def _all_ranks_max(self, value: int) -> int:
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def evaluate_and_save(self, step: int, lr: float) -> bool:
+        """Evaluate, write last.pt (and best.pt on improvement), update status; return True to stop early."""
+        if not self.main:
+            return bool(self._all_ranks_max(0))
+        run, c = self.run_folder, self.config
+        losses = self.estimate()
+        improved, early, warning = False, False, ""
+        if "val" in losses:
+            improved, early, warning = self.tracker.update(step, losses["train"], losses["val"])
+            run.log_metrics(step=step, split="val", loss=losses["val"], train_loss=losses["train"], lr=lr,
+                            elapsed_s=time.time() - self.started)
+        last = self.save("last", step)
+        fields: dict[str, Any] = {"step": step, "last_ckpt": str(last), "last_ckpt_step": step,
+                                  "warning": warning or None}
+        if improved:
+            _link_best(last, run.ckpt_dir / "best.pt")
+            fields.update(best_ckpt=str(run.ckpt_dir / "best.pt"), best_val_loss=self.tracker.best, best_step=step)
+        run.write_status(**fields)
+        val = f", val {losses['val']:.4f}" if "val" in losses else ""
+        log.info("step %d: train %.4f%s%s", step, losses["train"], val, " (best so far: best.pt)" if improved else "")
+        if warning:
+            log.warning("%s", warning)
+        if early:
+            self.message = (f"early stopping at step {step}: validation loss did not improve by more than "
+                            f"{c.early_stopping_min_delta} in {c.early_stopping_patience} evaluations "
+                            f"(best {self.tracker.best:.4f} at step {self.tracker.best_step})")
+            log.info("%s", self.message)
+        return bool(self._all_ranks_max(int(early)))
+
+    # --- the run ---
+    def run(self) -> Path:
+        self.started = time.time()
+        run, c = self.run_folder, self.config
+        if self.main:
+            with self.signals.deferred():  # the first status is written whole before a stop can be recorded in it
+                if not self.resuming:
+                    run.write_config(dump_config(c))
+                run.write_env(str(self.device), dtype=self.dtype, world_size=self.dist.world_size)
+                _clear_stale_stop(run)
+                run.write_status(state="running", step=None, max_steps=c.max_iters, pid=os.getpid(),
+                                 host=socket.gethostname(), device=str(self.device), error=None, warning=None,
+                                 message=self.plan.message or f"{c.init_from} run started")
+                log.info("%s run in %s on %s (%s)", c.init_from, run.path, self.device, self.dtype)
+                if self.plan.message:
+                    log.warning("%s", self.plan.message)
+        try:
+            self._stop_during_setup()
+            self.phase = "the model build"
+            self._build()
+            self._stop_during_setup()
+            if self.main:
+                run.write_status(step=self.start_step)
+            self._loop()
+        except BaseException as exc:
+            if self.main:
+                with self.signals.deferred():
+                    self._record_end(exc)
+            if isinstance(exc, StopRequested):
+                return run.path if run is not None else Path(c.out_dir)  # type: ignore[arg-type]
+            raise
+        return run.path if run is not None else Path(c.out_dir)  # type: ignore[arg-type]
+
+    def _record_end(self, exc: BaseException) -> None:
+        """Rank 0: write the final status and log line of a run that stopped or failed by exception."""
+        run = self.run_folder
+        if not isinstance(exc, KeyboardInterrupt):
+            error = str(exc) if isinstance(exc, CrystallabError) else f"{type(exc).__name__}: {exc}"
+            run.write_status(state="failed", error=error, message=f"training failed: {error}")
+            log.error("training failed: %s", error)
+            return
+        if isinstance(exc, StopRequested):
+            what = f"stopped on request ({exc.reason}) during {self.phase}"
+        else:
+            what = "interrupted mid-step (a second Ctrl-C)"
+        last = run.ckpt_dir / "last.pt"
+        if last.exists():
+            step = run.read_status().get("last_ckpt_step")
+            kept = (f"ckpt/last.pt{f' (step {step})' if step is not None else ''} is kept; continue with "
+                    f"`crystallab train --resume {run.path}`")
+        else:
+            kept = (f"no checkpoint was written yet, so nothing was saved; to start again, delete {run.path} or "
+                    "choose another --run-dir")
+        run.clear_stop()
+        run.write_status(state="stopped", error=None, message=f"{what}; {kept}")
+        log.warning("%s; %s", what, kept)
+
+    def _loop(self) -> None:
+        c, run = self.config, self.run_folder
+        step = self.start_step
+        self.message = f"finished {c.max_iters} steps"
+        if self.main and self.resuming:
+            run.log_metrics(event="resume", step=step)
+            log.info("resuming at step %d of %d", step, c.max_iters)
+        if self.main and not self.resuming and "val" in self.eval_samplers:
+            self.phase = "the step-0 evaluation"
+            losses = self.estimate()  # the starting point: for a fine-tune, the source model's losses
+            run.log_metrics(step=0, split="val", loss=losses["val"], train_loss=losses["train"], lr=0.0,
+                            elapsed_s=time.time() - self.started)
+            log.info("step 0: train %.4f, val %.4f", losses["train"], losses["val"])
+            self._stop_during_setup()
+        self.phase = "training"
+        with self.signals.deferred():  # from here a stop finishes its step, saves ckpt/last.pt and exits
+            self._train_steps(step)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def _train_steps(self, step: int) -> None:
+        """Steps from ``step`` to ``max_iters`` (or a stop), then the final checkpoint and status."""
+        from tqdm import tqdm
+
+        c, run = self.config, self.run_folder
+        saved_at = step if self.resuming else None
+        state = "completed"
+        bar = tqdm(total=c.max_iters, initial=step, disable=not (self.progress and self.main), unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        t_log, tokens = time.perf_counter(), 0
+        while step < c.max_iters:
+            loss_sum, grad_norm, lr = self.train_step(step)
+            step += 1
+            tokens += self.tokens_per_step
+            bar.update(1)
+            if step % c.log_interval == 0 or step == c.max_iters:
+                if self.dist.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                loss = loss_sum.item()
+                if not math.isfinite(loss):
+                    raise ConfigError(f"the training loss became {loss} at step {step}; lower learning_rate "
+                                      "or use dtype bfloat16 / float32")
+                if self.main:
+                    run.log_metrics(step=step, split="train", loss=loss, lr=lr,
+                                    tokens_per_s=tokens / (time.perf_counter() - t_log),
+                                    grad_norm=float(grad_norm), elapsed_s=time.time() - self.started)
+                    run.write_status(step=step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                t_log, tokens = time.perf_counter(), 0
+            stop_now = self.stop_requested(self.signals)
+            if step % c.eval_interval == 0 or step == c.max_iters:
+                saved_at = step
+                if self.evaluate_and_save(step, lr):
+                    break
+                t_log, tokens = time.perf_counter(), 0  # tokens/s measures training, not evaluation
+            if stop_now:
+                state, self.message = "stopped", f"stopped on request at step {step}"
+                self._info("%s", self.message)
+                break
+        bar.close()
+        if self.main:
+            if saved_at != step:
+                last = self.save("last", step)
+                run.write_status(last_ckpt=str(last), last_ckpt_step=step)
+            run.clear_stop()
+            note = f"; {self.plan.message}" if self.plan.message else ""
+            run.write_status(state=state, step=step, message=self.message + note)
+            log.info("%s; checkpoints in %s", self.message, run.ckpt_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources and run folder
+
+
+def _open_dataset(name: str, dist: Dist) -> Any:
+    """Open the token dataset; the built-in corpus is built on first use (as `crystallab data corpus`)."""
+    from engine.data.datasets import build_dataset, load_token_dataset, resolve_dataset_dir
+
+    path = resolve_dataset_dir(name)
+    if name == "builtin" and not path.exists() and dist.is_main:
+        log.info("building the built-in corpus dataset in %s (first use)", path)
+        build_dataset(["builtin"], path, dedup=False)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return load_token_dataset(path)
+
+
+def _resolve_sources(config: TrainConfig, run_dir: str | Path | None,
+                     dist: Dist) -> tuple[TrainConfig, RunFolder | None, Any, dict | None]:
+    """(resolved config, run folder, source checkpoint, parent record); only rank 0 touches the folder."""
+    if dist.is_main:
+        config, run, ckpt, parent = _prepare(config, run_dir)
+    else:
+        run, parent = None, None
+    if dist.world_size > 1:
+        box = [config]
+        torch.distributed.broadcast_object_list(box, src=0)
+        config = box[0]
+        if not dist.is_main:
+            src = {"resume": Path(config.out_dir or ".") / "ckpt" / "last.pt",
+                   "finetune": resolve_ckpt_path(config.init_ckpt or ".")}.get(config.init_from)
+            ckpt = load_checkpoint(src) if src else None
+    return config, run, ckpt, parent
+
+
+def _prepare(config: TrainConfig, run_dir: str | Path | None, *,
+             create: bool = True) -> tuple[TrainConfig, RunFolder, Any, dict | None]:
+    """Rank 0: resolve the run folder, the source checkpoint and the model shape.
+
+    Args:
+        create: Create the new run folder; false (``--check``) only checks that it could be created. A new run
+            without ``run_dir`` / ``out_dir`` then gets a placeholder ``<runs>/train/<time>-<name>`` path.
+    """
+    if config.init_from == "resume":
+        run = RunFolder(resolve_run_dir(run_dir or config.out_dir, existing=True))  # type: ignore[arg-type]
+        last = run.ckpt_dir / "last.pt"
+        if not last.exists():
+            raise ConfigError(f"cannot resume {run.path}: it has no ckpt/last.pt (the run stopped before its first "
+                              "checkpoint); start a new run instead (delete this folder or choose another --run-dir)")
+        saved = run.config()
+        changed = [k for k in RESUME_IDENTITY_KEYS if k in saved and saved[k] != getattr(config, k)]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {run.path} with different {', '.join(changed)} "
+                f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
+                "Fine-tune from its ckpt/last.pt instead"
+            )
+        ckpt = load_checkpoint(last, mmap=not create)
+        if int(ckpt.iter_num) >= config.max_iters:
+            raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
+                              f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
+        parent = {"path": str(last), "sha256": sha256_file(last), "step": int(ckpt.iter_num)}
+        return replace(config, out_dir=str(run.path)), run, ckpt, parent
+
+    ckpt = parent = None
+    if config.init_from == "finetune":
+        src = resolve_ckpt_path(config.init_ckpt)  # type: ignore[arg-type]
+        ckpt = load_checkpoint(src, mmap=True)  # only the weights are read: the source's AdamW state stays on disk
+        config = _finetune_shape(config, ckpt, src)
+        parent = {"path": str(src), "sha256": sha256_file(src), "step": int(ckpt.iter_num),
+                  "run": (getattr(ckpt, "meta", None) or {}).get("run")}
+    target = run_dir or config.out_dir
+    if target is not None:
+        run = RunFolder(resolve_run_dir(target))
+        _check_new_run_dir(run.path, target)
+        if create:
+            try:
+                run.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot create the run folder {run.path} ({exc.strerror}); choose another "
+                                 "--run-dir / out_dir") from None
+    elif create:
+        run = RunFolder.create(config.name, root=get_settings().train_dir)
+    else:
+        return config, RunFolder(get_settings().train_dir / f"<YYYYmmdd-HHMMSS>-{config.name}"), ckpt, parent
+    return replace(config, out_dir=str(run.path)), run, ckpt, parent
+
+
+def _finetune_shape(config: TrainConfig, ckpt: Any, src: Path) -> TrainConfig:
+    """A fine-tune keeps the checkpoint's shape and may crop, never extend, its context.
+
+    Raises:
+        ConfigError: the config names another shape, or a ``block_size`` above the checkpoint's (in tokens).
+    """
+    shape = GPTConfig.from_model_args(ckpt.model_args)
+    wrong = [k for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) not in (None, getattr(shape, k))]
+    if wrong:
+        raise ConfigError(
+            f"{src} has {', '.join(f'{k}={getattr(shape, k)}' for k in wrong)}; a fine-tune keeps the "
+            f"checkpoint's shape, so remove {', '.join(wrong)} from the config"
+        )
+    if config.block_size is not None and config.block_size > shape.block_size:
+        raise ConfigError(f"block_size={config.block_size} exceeds the context of {src} ({shape.block_size} tokens); "
+                          f"a fine-tune can keep or crop it, not extend it: choose 8 to {shape.block_size}")
+    return replace(config, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias,
+                   block_size=config.block_size or shape.block_size)
+
+
+def _check_new_run_dir(path: Path, typed: str | Path) -> None:
+    """Refuse a new run's folder that is a file, lies under a file, or already holds a run."""
+    named = f"run folder {typed}" + (f" ({path})" if Path(typed) != path else "")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{named} is a file, not a folder; choose another --run-dir / out_dir")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{named} lies under {parent}, which is a file; choose another --run-dir / out_dir")
+            break
+    if (path / "config.yaml").exists():
+        if (path / "ckpt" / "last.pt").exists():
+            raise ConfigError(f"{path} already holds a run; choose another out_dir, or continue it with "
+                              f"`crystallab train --resume {path}`")
+        raise ConfigError(f"{path} already holds a run that stopped before its first checkpoint; delete that "
+                          "folder to start it again, or choose another out_dir")
+
+
+def _check_resume_data(config: TrainConfig, ckpt: Any, ds: Any) -> None:
+    """A resumed run must read the tokens it started with, or its batches would not line up."""
+    recorded = (getattr(ckpt, "meta", None) or {}).get("data_fingerprint")
+    if recorded and recorded != ds.fingerprint:
+        raise ConfigError(f"the dataset {ds.path} changed since {config.out_dir} started (its token "
+                          "fingerprint differs), so the run cannot continue exactly; fine-tune from its "
+                          "ckpt/last.pt instead")
+
+
+def _clear_stale_stop(run: RunFolder) -> None:
+    """Remove a ``STOP`` left by an earlier, killed process; keep one written for this run while it started.
+
+    The dashboard's stop button may write ``STOP`` while the run is still starting; that request must hold.
+    """
+    try:
+        stale = run.stop_path.stat().st_mtime < _PROCESS_STARTED
+    except FileNotFoundError:
+        return
+    if stale:
+        run.clear_stop()
+
+
+def check_config(config: TrainConfig, run_dir: str | Path | None = None) -> tuple[TrainConfig, list[str]]:
+    """What `train` would refuse, found without training or writing anything (``crystallab train --check``).
+
+    Opens the dataset (exists, vocabulary, token ids) and the checkpoint to start from (readable with
+    ``weights_only``, same vocabulary, weights that match its shape, its context in tokens), checks the run
+    folder and the device, and resolves the model shape and context the run would use.
+
+    Returns:
+        (the config the run would write to ``config.yaml``, notes for the user: dataset, start, folder, device).
+
+    Raises:
+        ConfigError, CheckpointError, InputError: as `train` would at its start.
+    """
+    from engine.data.datasets import load_token_dataset, resolve_dataset_dir
+
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    notes: list[str] = []
+    ds_path = resolve_dataset_dir(config.dataset)
+    ds = None
+    if config.dataset == "builtin" and not ds_path.exists():
+        notes.append(f"dataset: {ds_path} is not built yet; the run builds the built-in corpus first (minutes, once)")
+    else:
+        ds = load_token_dataset(ds_path)
+        notes.append(f"dataset: {ds.path} ({len(ds.train):,} training and {len(ds.val):,} validation tokens)")
+    config, run, ckpt, parent = _prepare(config, run_dir, create=False)
+    if parent is not None:
+        notes.append(f"starts from: {parent['path']} (step {parent['step']})")
+    if ds is not None:
+        if config.init_from == "resume":
+            _check_resume_data(config, ckpt, ds)
+        plan = plan_context(config.block_size, len(ds.train), len(ds.val),
+                            can_lower_model=config.init_from == "scratch")
+        config = replace(config, block_size=plan.model_block_size)
+        if plan.message:
+            notes.append(f"context: {plan.message}")
+    notes.append(f"run folder: {run.path}" + ("" if config.init_from == "resume" else " (new)"))
+    notes.append(f"device: {device} ({dtype})")
+    return config, notes
+
+
+def _attach_log(run: RunFolder | None) -> list[logging.Handler]:
+    """Log to the run's ``log.txt`` and to stderr (above the progress bar)."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [_TqdmHandler()]
+    if run is not None:
+        handlers.append(logging.FileHandler(run.log_path, encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handlers
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _link_best(last: Path, best: Path) -> None:
+    """Make ``best.pt`` the checkpoint just written as ``last.pt``, atomically and without writing it twice.
+
+    A hard link keeps these bytes when ``last.pt`` is later replaced by a rename; filesystems without hard links
+    get a copy. Either way ``best.pt`` appears by an atomic rename.
+    """
+    tmp = best.parent / f".{best.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        os.link(last, tmp)
+    except OSError:
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, best)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, doc in field_docs().items():
+            print(f"{key:28s} {doc}")
+        return 0
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides = ["init_from=resume", f"out_dir={args.resume}", *overrides]
+    if args.run_dir:
+        overrides.append(f"out_dir={args.run_dir}")
+    if args.config is None and not args.resume:
+        raise ConfigError("give a config file (see configs/) or --resume RUN_DIR")
+    config = load_config(args.config, overrides)
+    if args.check:
+        config, notes = check_config(config)
+        print(dump_config(config), end="")
+        print("".join(f"# {note}\n" for note in notes), end="")
+        return 0
+    try:
+        path = train(config, progress=not args.no_progress)
+    except StopRequested as stop:
+        print(f"stopped on request ({stop.reason}) before the run folder was written; nothing was saved",
+              file=sys.stderr)
+        return 130
+    if not Dist.from_env().is_main:
+        return 0
+    status = RunFolder(path).read_status()
+    print(f"{status.get('state')}: {status.get('message')}\nrun folder: {path}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``crystallab train``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (scratch, fine-tune or resume)",
+        description="Train from a YAML config (CrystaLLM key names). Multi-GPU: "
+                    "torchrun --standalone --nproc_per_node=N -m engine train CONFIG.yaml",
+    )
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key (repeatable); the value is read as YAML: compile=false, learning_rate=3e-4")
+    p.add_argument("--run-dir", help="run folder to write: a bare name is <runs>/train/NAME, a path with a folder "
+                   "part is taken from the current folder (default <runs>/train/<time>-<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its ckpt/last.pt: its "
+                   "folder (runs/train/RUN from the checkout, or an absolute path) or its name (RUN)")
+    p.add_argument("--check", action="store_true", help="validate without training: open the dataset and the "
+                   "checkpoint to start from, check the run folder, print the resolved config")
+    p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
