@@ -13,7 +13,7 @@ from pymatgen.io.cif import CifWriter
 
 from engine.cli import main
 from engine.crystal.canonical import structure_to_model_view
-from engine.evaluate.evaluation.csp import load_targets, run_csp, score_candidate, summarize
+from engine.evaluate.csp import load_targets, run_csp, score_candidate, summarize
 from engine.lab.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
