@@ -119,7 +119,7 @@ c[3].metric("Valid samples", csp._pct(summary["valid_sample_rate"]),
 c[4].metric("Match rate, structural filter", csp._pct(summary["match_rate_struct_only"]),
             help=summary["definitions"]["match_rate_struct_only"])
 samp = summary["sampling"]
-st.caption(f"k {samp['k']} | T {samp['temperature']} | top-k {samp['top_k']} | seed {samp['seed']} | "
+st.caption(f"k {samp['k']} | {csp._knob_text(samp)} | seed {samp['seed']} | "
            f"{'with' if samp['with_spacegroup'] else 'without'} space group | checkpoint "
            f"{summary['checkpoint'].get('path')} (step {summary['checkpoint'].get('step')}) | targets "
            f"{summary['targets_source']}")

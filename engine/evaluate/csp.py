@@ -343,6 +343,22 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
+_KNOB_LABELS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "max_new_tokens": "max new tokens"}
+
+
+def _knob_text(sampling: dict) -> str:
+    """The sampling knobs of a run as prose (``temperature 1.0, top-k 10, ..., element constraints on``)."""
+    parts = []
+    for key, value in sampling.items():
+        if key in ("k", "seed", "with_spacegroup"):
+            continue
+        if key == "constrain":
+            parts.append(f"element constraints {'on' if value else 'off'}")
+        else:
+            parts.append(f"{_KNOB_LABELS.get(key, key.replace('_', ' '))} {value}")
+    return ", ".join(parts)
+
+
 def summary_markdown(summary: dict) -> str:
     """The paper-ready table of a CSP run, with its definitions and settings."""
     s = summary["sampling"]
@@ -365,9 +381,9 @@ def summary_markdown(summary: dict) -> str:
         + (f"; **partial: {summary['n_targets']} of {summary['n_targets_planned']} targets done**"
            if not summary["complete"] else "")
         + ".",
-        f"Sampling: temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, max new tokens "
-        f"{s['max_new_tokens']}, seed {s['seed']}, prompts {'with' if s['with_spacegroup'] else 'without'} space "
-        f"group, element constraints {'on' if s['constrain'] else 'off'}.",
+        "Sampling: " + _knob_text(s) + f", seed {s['seed']}, prompts "
+        f"{'with' if s['with_spacegroup'] else 'without'} space group"
+        + (f", model family {ck['family']}" if ck.get("family") else "") + ".",
         "",
         "Definitions:",
         *[f"- {name}: {text}" for name, text in summary["definitions"].items()],
@@ -378,13 +394,13 @@ def summary_markdown(summary: dict) -> str:
 
 def _config(ckpt_info: dict, source: str, targets: list[Target], rejects: list[dict], args: dict) -> dict:
     return {
-        "checkpoint": {k: ckpt_info.get(k) for k in ("path", "step", "sha256", "run")},
+        "checkpoint": ckpt_info,
         "targets": {"source": source, "limit": args["limit"], "subset_seed": args["subset_seed"]},
         "n_targets": len(targets),
         "n_rejected": len(rejects),
-        "sampling": {k: args[k] for k in (
-            "k", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "with_spacegroup", "constrain",
-        )},  # fmt: skip
+        # The GPT family's knobs sit at the top level, as in runs written before the family seam.
+        "sampling": {"k": args["k"], **args["knobs"], "seed": args["seed"],
+                     "with_spacegroup": args["with_spacegroup"]},
         "matcher": MATCHER,
         "max_sites": args["max_sites"],
         "version": __version__,
@@ -423,6 +439,7 @@ def run_csp(
     seed: int = 1337,
     with_spacegroup: bool = False,
     constrain: bool = True,
+    knobs: dict[str, Any] | None = None,
     batch_size: int | None = None,
     device: str = "auto",
     workers: int | None = None,
@@ -441,6 +458,8 @@ def run_csp(
         temperature, top_k, top_p, max_new_tokens, seed, batch_size: As `engine.sample.sampler.generate`; the defaults
             (T 1.0, top-k 10) are CrystaLLM's published evaluation settings.
         constrain: Restrict element tokens to the target's elements (and the H-M value to space-group tokens).
+        knobs: Further sampling knobs of the checkpoint's family (``engine.models.family``); the arguments above
+            that the family has are its knobs too, the others are ignored.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         workers: Scoring processes (default: CPU count).
         timeout_s: Time box per sample's scoring in seconds (a sample over it is not matched).
@@ -454,24 +473,26 @@ def run_csp(
         InputError: bad targets source or an out folder holding something else / another run's settings.
         CheckpointError, ConfigError, PromptError: as the sampler.
     """
-    from engine.crystal.tokenizer import encode
+    from engine.crystal.prompts import Prompt
     from engine.evaluate.evaluation import run_pool
-    from engine.models.checkpoint import checkpoint_info, load_model
-    from engine.sample.sampler import _check_params, generate, resolve_device, sample_seed
+    from engine.models.family import load_family_model, provenance, resolve_knobs, shared_knobs
+    from engine.sample.sampler import resolve_device, sample_seed
 
     if k < 1:
         raise ConfigError(f"k = {k} must be at least 1 sample per target")
-    _check_params(k, temperature, top_k, top_p, max_new_tokens)
     dev = resolve_device(device)
+    model = load_family_model(ckpt, dev)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                 constrain=constrain)
+    knobs = resolve_knobs(type(model), {**shared_knobs(type(model), flags), **(knobs or {})}, "csp")
     run = Path(out_dir).expanduser().resolve()
     if run.exists() and not run.is_dir():
         raise InputError(f"{run} is a file: give a folder for the CSP run")
     targets, rejects = load_targets(targets_source, limit=limit, subset_seed=subset_seed,
                                     with_spacegroup=with_spacegroup)
-    info = checkpoint_info(ckpt)
-    settings = dict(k=k, limit=limit, subset_seed=subset_seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=seed, with_spacegroup=with_spacegroup, constrain=constrain,
-                    max_sites=max_sites)
+    info = provenance(model)
+    settings = dict(k=k, limit=limit, subset_seed=subset_seed, knobs=knobs, seed=seed,
+                    with_spacegroup=with_spacegroup, max_sites=max_sites)
     config = _config(info, str(Path(targets_source).expanduser().resolve()), targets, rejects, settings)
     _check_resume(run, config)
     (run / "targets").mkdir(parents=True, exist_ok=True)
@@ -490,7 +511,6 @@ def run_csp(
 
     todo = [t for t in targets if not path_of(t).exists()]
     done = len(targets) - len(todo)
-    model, _ = load_model(ckpt, dev)
     started = time.time()
     workers = max(1, workers or os.cpu_count() or 1)
 
@@ -507,11 +527,9 @@ def run_csp(
             texts: list[list[str]] = []
             ends: list[list[bool]] = []
             for t in chunk:
-                gens = generate(
-                    model, encode(t.prompt_text), n=k, temperature=temperature, top_k=top_k, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=sample_seed(seed, t.index), batch_size=batch_size,
-                    allowed_elements=t.elements if constrain else None, constrain_spacegroup=constrain, device=dev,
-                )
+                prompt = Prompt(t.prompt_text, t.cell_formula, t.z, t.spacegroup if with_spacegroup else None,
+                                t.name)
+                gens = model.generate(prompt, k, knobs, seed=sample_seed(seed, t.index), batch_size=batch_size)
                 texts.append([g.text for g in gens])
                 ends.append([g.finished for g in gens])
             tasks = [

@@ -255,8 +255,8 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     )
 
 
-def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with every failure turned into a `CheckpointError` naming the file."""
+def read_any(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of any checkpoint dict, every failure a `CheckpointError` naming the file."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path (a run keeps ckpt/last.pt)")
     if path.is_dir():
@@ -271,6 +271,18 @@ def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
         raise _unreadable(path, exc) from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict with model and model_args")
+    return raw
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``crystallab`` provenance dict of a checkpoint file (empty for upstream files), memory-mapped."""
+    meta = read_any(Path(path), "cpu", mmap=True).get(META_KEY)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
+    """`read_any`, then checked to hold CrystaLLM's ``model`` and ``model_args``."""
+    raw = read_any(path, map_location, mmap)
     missing = [k for k in ("model", "model_args") if not isinstance(raw.get(k), dict)]
     if missing:
         raise CheckpointError(

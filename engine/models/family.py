@@ -1,0 +1,332 @@
+"""The model-family seam: what the rest of the lab asks of a model, and the registry of families.
+
+A *family* is one kind of model (CrystaLLM's autoregressive GPT today; a masked-diffusion model and Hugging Face
+causal LMs later). The rest of the lab (sample sets, sweeps, CSP, reports, pages) never branches on which family
+it holds: it loads a model with `load_family_model` and asks the returned `FamilyModel` for
+
+- ``generate(prompt, n, knobs, seed=..., batch_size=..., progress=...)``: texts that post-processing turns into
+  CIFs, one `Generation` per sample, in sample order, reproducible for a seed;
+- ``sequence_log_likelihood(texts)``: log p(text) in nats and the number of scored tokens, per text (used by infill
+  ranking, the IPT probe and distillation);
+- ``training_loss(batch)``: the family's training objective on one batch (a scalar tensor);
+- ``knobs``: its own sampling settings with defaults and ranges (the Sample page and sweep configs show these);
+- ``describe()``: a plain dict for ``crystallab ckpt inspect``, sample-set provenance and reports.
+
+Adding a family means one module (or folder) under ``engine/models/`` with a `FamilyModel` subclass and one
+`register_family` call, nothing else. A checkpoint records its family in ``crystallab.family``; CrystaLLM's own
+``ckpt.pt`` files carry none and are the GPT family. Families from outside the engine (a lab's own, or the test
+suite's) are registered by naming their modules in ``CRYSTALLAB_FAMILY_MODULES`` (comma-separated import paths),
+which detached jobs inherit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+from engine.lab.errors import CheckpointError, ConfigError
+
+DEFAULT_FAMILY = "crystallm-gpt"
+"""The family of a checkpoint that names none (CrystaLLM's published ``ckpt.pt`` and the lab's older files)."""
+
+FAMILY_MODULES_ENV = "CRYSTALLAB_FAMILY_MODULES"
+"""Environment variable: comma-separated modules to import so that they register extra families."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated sample.
+
+    Attributes:
+        ids: Prompt ids followed by the generated ids (the family's own token ids; empty when it has none).
+        text: The full text, prompt included, in the family's text format.
+        n_new_tokens: Number of generated tokens.
+        finished: Whether generation stopped at the end of a CIF (not at a token budget).
+        truncated_reason: Why an unfinished sample stopped (e.g. ``"max_new_tokens"``); None when finished.
+    """
+
+    ids: list[int]
+    text: str
+    n_new_tokens: int
+    finished: bool
+    truncated_reason: str | None
+
+
+@dataclass(frozen=True)
+class SequenceScore:
+    """Log-likelihood of one text under a model.
+
+    Attributes:
+        logp: Sum of log-probabilities of the scored tokens, in nats (a bound for families that only bound it).
+        n_tokens: Number of scored tokens (the first token, which conditions the rest, is not scored).
+    """
+
+    logp: float
+    n_tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        """exp(-logp / n_tokens); inf when nothing was scored."""
+        return math.exp(-self.logp / self.n_tokens) if self.n_tokens else math.inf
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sampling setting of a family, with its default and allowed range.
+
+    Attributes:
+        name: Key in sample-set configs, sweep configs and CLI flags (``top_k`` -> ``--top-k``).
+        default: Value used when none is given.
+        kind: ``"float"``, ``"int"`` or ``"bool"``.
+        low: Smallest allowed value (inclusive; None: unbounded).
+        high: Largest allowed value (inclusive; None: unbounded).
+        help: One line for forms and ``--help``: what it does and its unit.
+        none_ok: None is allowed (and means "off").
+    """
+
+    name: str
+    default: Any
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    help: str = ""
+    none_ok: bool = False
+
+    def coerce(self, value: Any, source: str = "sampling settings") -> Any:
+        """``value`` as this knob's type, checked against its range.
+
+        Raises:
+            ConfigError: not a value of this kind, or outside ``[low, high]``; the message names the knob.
+        """
+        if value is None and self.none_ok:
+            return None
+        where = f"{source}: {self.name}"
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        if self.kind == "int":
+            if float(value) != int(value):
+                raise ConfigError(f"{where} must be a whole number, not {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, not {value!r}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ConfigError(f"{where} = {value!r} is outside its range {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{lo}, {hi}]"
+
+
+class FamilyModel(ABC):
+    """A loaded model of one family, ready to generate and score. Subclasses set the class attributes."""
+
+    family: ClassVar[str]
+    """Registry name, recorded in checkpoints and sample sets (e.g. ``"crystallm-gpt"``)."""
+    text_format: ClassVar[str]
+    """What ``generate`` writes: ``"crystallm-cif"`` (CrystaLLM's CIF text), or another format whose texts the
+    family turns into CIF text before returning them."""
+    knobs: ClassVar[tuple[Knob, ...]]
+    """Sampling settings this family understands, beyond the shared seed / batch size / n."""
+
+    path: Path | None
+    """Where the model was loaded from."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, device: Any) -> "FamilyModel":
+        """Load a model of this family from ``path`` onto ``device``.
+
+        Raises:
+            CheckpointError: the file is not a usable model of this family (one line naming it).
+        """
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: Any,
+        n: int,
+        knobs: Mapping[str, Any],
+        *,
+        seed: int = 1337,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        """``n`` samples for a `engine.crystal.prompts.Prompt`, with knobs already resolved by `resolve_knobs`."""
+
+    @abstractmethod
+    def sequence_log_likelihood(self, texts: Sequence[str]) -> list[SequenceScore]:
+        """Log-likelihood of each text (in the family's text format) under the model."""
+
+    @abstractmethod
+    def training_loss(self, batch: Any) -> Any:
+        """The family's training objective on one batch (a scalar tensor with gradients)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description: family, parameters, context length, vocabulary, provenance."""
+
+    @property
+    def device(self) -> Any:
+        """Where the model computes (a torch device or its name)."""
+        return "cpu"
+
+    @classmethod
+    def knob(cls, name: str) -> Knob:
+        for k in cls.knobs:
+            if k.name == name:
+                return k
+        raise KeyError(name)
+
+    @classmethod
+    def default_knobs(cls) -> dict[str, Any]:
+        return {k.name: k.default for k in cls.knobs}
+
+
+def resolve_knobs(family: type[FamilyModel], given: Mapping[str, Any] | None, source: str = "sampling settings"
+                  ) -> dict[str, Any]:
+    """The family's defaults overridden by ``given``, each value checked.
+
+    Raises:
+        ConfigError: a knob this family does not have (the message lists the ones it has), or a bad value.
+    """
+    out = family.default_knobs()
+    for name, value in (given or {}).items():
+        try:
+            knob = family.knob(name)
+        except KeyError:
+            names = ", ".join(k.name for k in family.knobs)
+            raise ConfigError(
+                f"{source}: {name!r} is not a sampling setting of the {family.family} family; it has: {names}"
+            ) from None
+        out[name] = knob.coerce(value, source)
+    return out
+
+
+def shared_knobs(family: type[FamilyModel], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that name knobs of ``family``; None values are left out.
+
+    Commands that take CrystaLLM-style flags (``--temperature``, ``--top-k``, ...) for any family pass them here,
+    so a family without such a knob is not handed one (`resolve_knobs` then fills its own defaults).
+    """
+    names = {k.name for k in family.knobs}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def provenance(model: FamilyModel) -> dict[str, Any]:
+    """What a sample set, sweep cell or CSP run records about the model that produced it."""
+    from engine.models.checkpoint import checkpoint_sha256
+
+    info = model.describe()
+    out = {
+        "path": str(model.path) if model.path else None,
+        "step": info.get("step"),
+        "sha256": checkpoint_sha256(model.path) if model.path and Path(model.path).is_file() else None,
+        "run": info.get("run"),
+    }
+    if model.family != DEFAULT_FAMILY:  # older sample sets and CSP runs (all GPT) carry no family key
+        out["family"] = model.family
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+
+# name -> class, or "module:Class" imported on first use (so `crystallab --help` does not import torch).
+_REGISTRY: dict[str, type[FamilyModel] | str] = {
+    DEFAULT_FAMILY: "engine.models.crystallm:CrystaLLMGPT",
+}
+_PLUGINS_LOADED: set[str] = set()
+
+
+def register_family(cls: type[FamilyModel]) -> type[FamilyModel]:
+    """Register a family class under ``cls.family`` (usable as a decorator). Re-registering replaces it."""
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    for name in filter(None, (m.strip() for m in os.environ.get(FAMILY_MODULES_ENV, "").split(","))):
+        if name in _PLUGINS_LOADED:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"{FAMILY_MODULES_ENV} names module {name!r}, which cannot be imported ({exc}): fix or unset it"
+            ) from None
+        _PLUGINS_LOADED.add(name)
+
+
+def family_names() -> list[str]:
+    """Names of every registered family, the default first."""
+    _load_plugins()
+    return sorted(_REGISTRY, key=lambda n: (n != DEFAULT_FAMILY, n))
+
+
+def get_family(name: str) -> type[FamilyModel]:
+    """The class registered as ``name``.
+
+    Raises:
+        CheckpointError: no such family (the message lists the registered ones).
+    """
+    _load_plugins()
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise CheckpointError(
+            f"model family {name!r} is not known to this lab (known: {', '.join(family_names())}): "
+            f"upgrade crystallab, or name the module that registers it in {FAMILY_MODULES_ENV}"
+        )
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = entry
+    return entry
+
+
+def peek_family(path: str | os.PathLike) -> str:
+    """The family a checkpoint file records (``crystallab.family``), without building a model.
+
+    Raises:
+        CheckpointError: as `engine.models.checkpoint.read_raw` (missing, unreadable, pickled code).
+    """
+    from engine.models.checkpoint import read_meta
+
+    meta = read_meta(Path(path))
+    return str(meta.get("family") or DEFAULT_FAMILY)
+
+
+def load_family_model(path: str | os.PathLike, device: Any = "cpu") -> FamilyModel:
+    """Load any model the lab knows from ``path``: the checkpoint's family decides the class.
+
+    Raises:
+        CheckpointError: missing or unusable file, or a family this lab does not know.
+    """
+    path = Path(path)
+    return get_family(peek_family(path)).load(path, device)
+
+
+@dataclass
+class FamilyInfo:
+    """What the dashboard shows about a family before any model is loaded."""
+
+    name: str
+    text_format: str
+    knobs: tuple[Knob, ...] = field(default_factory=tuple)
+
+
+def family_info(name: str) -> FamilyInfo:
+    cls = get_family(name)
+    return FamilyInfo(cls.family, cls.text_format, tuple(cls.knobs))
