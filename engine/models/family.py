@@ -330,3 +330,70 @@ class FamilyInfo:
 def family_info(name: str) -> FamilyInfo:
     cls = get_family(name)
     return FamilyInfo(cls.family, cls.text_format, tuple(cls.knobs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line flags for knobs
+
+
+def add_knob_arguments(parser: Any, knobs: Sequence[Knob], defaults: Mapping[str, Any] | None = None) -> None:
+    """Add one flag per knob (``top_k`` -> ``--top-k``; a knob on by default -> ``--no-NAME``) and ``--knob``.
+
+    Flags default to None, so `knobs_from_args` can tell a value the user gave from the family's default. The
+    flags are those of the knobs given (the CrystaLLM GPT family's for the sampling commands); ``--knob
+    NAME=VALUE`` (repeatable) reaches the knobs of any other family.
+
+    Args:
+        defaults: This command's own defaults where they differ from the family's (shown in ``--help``).
+    """
+    defaults = dict(defaults or {})
+    for knob in knobs:
+        default = defaults.get(knob.name, knob.default)
+        flag = "--" + knob.name.replace("_", "-")
+        if knob.kind == "bool":
+            if default:
+                parser.add_argument(f"--no-{flag[2:]}", dest=knob.name, action="store_const", const=False,
+                                    default=None, help=f"switch off: {knob.help}")
+            else:
+                parser.add_argument(flag, dest=knob.name, action="store_const", const=True, default=None,
+                                    help=knob.help)
+        else:
+            parser.add_argument(flag, dest=knob.name, type=float if knob.kind == "float" else int, default=None,
+                                help=f"{knob.help} (default {default})")
+    parser.add_argument("--knob", dest="knobs", action="append", default=[], metavar="NAME=VALUE",
+                        help="a sampling knob of the checkpoint's model family by name (repeatable), e.g. "
+                        "--knob steps=64 for a family that has it")
+
+
+def knobs_from_args(args: Any, flag_knobs: Sequence[Knob], family: type[FamilyModel],
+                    defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The knobs a command's flags ask of ``family``, resolved against its defaults and ranges.
+
+    Raises:
+        ConfigError: a flag given for a knob the family does not have, a ``--knob`` that is not ``NAME=VALUE``,
+            or a bad value (each message names the flag).
+    """
+    import yaml
+
+    own = {k.name for k in family.knobs}
+    given: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in own}
+    for knob in flag_knobs:
+        value = getattr(args, knob.name, None)
+        if value is None:
+            continue
+        if knob.name not in own:
+            flag = "--" + knob.name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} does not apply to the {family.family} family; its sampling knobs are "
+                f"{', '.join(sorted(own)) or 'none'} (give them with --knob NAME=VALUE)"
+            )
+        given[knob.name] = value
+    for item in getattr(args, "knobs", None) or []:
+        name, sep, raw = str(item).partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--knob {item!r} must be NAME=VALUE, e.g. --knob temperature=0.7")
+        try:
+            given[name.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--knob {item!r}: {raw!r} is not a value (a number, true or false)") from None
+    return resolve_knobs(family, given, "sampling flags")
