@@ -63,7 +63,15 @@ from torch.nn import functional as F
 from engine import __version__
 from engine.checkpoint import checkpoint_info, cli_checkpoint_path, load_model
 from engine.errors import ConfigError, InputError, PromptError
-from engine.fsutil import append_jsonl, atomic_write_json, atomic_write_text, check_writable, read_json, read_jsonl
+from engine.fsutil import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 from engine.jobs import OWNER_FILE, hold_folder
 from engine.model import GPT, KVCache
 from engine.postprocess import postprocess
@@ -609,6 +617,8 @@ def _sample_batches(model: GPT, prompt: Prompt, partial: Path, request: dict, de
         atomic_write_json(partial / "request.json", {**request, "device": _device_label(device)})
     (partial / "raw").mkdir(exist_ok=True)
     (partial / "processed").mkdir(exist_ok=True)
+    for folder in (partial, partial / "raw", partial / "processed"):
+        remove_stale_temporaries(folder)  # files a killed writer left half-written; this process owns the set
     records = {r["index"]: r for r in read_jsonl(partial / "progress.jsonl")}
     width = max(4, len(str(n - 1)))
     ids = encode(prompt.text)

@@ -279,6 +279,8 @@ def test_a_killed_sample_run_keeps_finished_batches_and_the_same_command_finishe
     assert sorted(p.name for p in (partial / "raw").iterdir())[:2] == ["0000.txt", "0001.txt"]
     assert [json.loads(line)["index"] for line in (partial / "progress.jsonl").read_text().splitlines()] == [0, 1]
     assert not (tmp_path / "set").exists()
+    torn = partial / "raw" / ".0002.txt.999.tmp"  # a kill during a sample's write
+    torn.write_text("half")
     with pytest.raises(InputError, match=r"unfinished sample set made with different settings \(sampling.seed\)"):
         sample_to_dir(ckpt, prompt, tmp_path / "set", **{**args, "seed": 10})
     monkeypatch.undo()
@@ -286,7 +288,7 @@ def test_a_killed_sample_run_keeps_finished_batches_and_the_same_command_finishe
     monkeypatch.setattr(sampler, "generate", lambda *a, **kw: made.append(kw["first_index"]) or generate(*a, **kw))
     out = sample_to_dir(ckpt, prompt, tmp_path / "set", **args)
     assert made == [2, 4], "only the missing batches are drawn"
-    assert not partial.exists()
+    assert not partial.exists() and not (out / "raw" / torn.name).exists()
     for name in ("0000", "0001", "0002", "0003", "0004"):  # the same samples as the uninterrupted run
         assert (out / "raw" / f"{name}.txt").read_text() == (whole / "raw" / f"{name}.txt").read_text(), name
     assert (out / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
