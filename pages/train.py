@@ -107,7 +107,11 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
                              f"name={name}"]
                 if init_ckpt is not None:
                     overrides.append(f"init_ckpt={init_ckpt}")
-                load_config(preset, overrides)  # refuse impossible settings here, not in the background
+                from engine.train.trainer import check_config  # torch: loaded on launch, not with the page
+
+                # Refuse here what the run would refuse in the background (as `train --check`: data, checkpoint,
+                # folder, memory against the device's free memory, loop bounds).
+                check_config(load_config(preset, overrides), run_dir)
                 argv = ["train", str(preset), "--run-dir", str(run_dir), "--no-progress"]
                 for o in overrides:
                     argv += ["--set", o]

@@ -43,6 +43,7 @@ _Z = re.compile(r"_cell_formula_units_Z\s+(\S+)")
 _FORMULA_SUM = re.compile(r"_chemical_formula_sum\s+('([^']+)'|(\S+))")
 _NUMBER = re.compile(r"[-+]?\d*\.\d+(?:[eE][-+]?\d+)?")
 _BLANKS = re.compile(r"[ \t]+")
+_CELL_PARAM = re.compile(r"^[ \t]*(_cell_(?:length_[abc]|angle_(?:alpha|beta|gamma)))[ \t]+(\S+)", re.MULTILINE)
 _DATA_LINE = re.compile(r"^[ \t]*data_", re.MULTILINE)
 _ATOM_PROPS_TAGS = (
     "_atom_type_symbol",
@@ -95,6 +96,28 @@ def cell_formula(composition: Composition | str) -> str:
         InputError: an element outside the vocabulary, or a non-integer amount (a cell holds whole atoms).
     """
     return "".join(f"{symbol}{count}" for symbol, count in _cell_counts(composition))
+
+
+def check_cell_parameters(cif_text: str) -> None:
+    """Refuse cell lengths that are not positive and angles outside (0, 180) degrees, naming the value.
+
+    pymatgen builds a lattice from ``|a|`` and so would silently turn ``_cell_length_a -3.0`` into a 3 angstrom
+    cell, and a zero length ends in a bare "Singular matrix"; both are errors in the file.
+
+    Raises:
+        InputError: a cell length <= 0 angstrom, an angle outside (0, 180) degrees, or a value that is no number.
+    """
+    for tag, raw in _CELL_PARAM.findall(cif_text):
+        try:
+            value = float(re.sub(r"\(\d+\)$", "", raw))  # "5.64(2)": a standard uncertainty in parentheses
+        except ValueError:
+            raise InputError(f"{tag} is {raw!r}, not a number: fix the cell parameters of the CIF") from None
+        if "length" in tag and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{tag} is {raw}: a cell length must be a positive number of angstroms; "
+                             "fix the cell parameters of the CIF")
+        if "angle" in tag and not (math.isfinite(value) and 0 < value < 180):
+            raise InputError(f"{tag} is {raw}: a cell angle must lie between 0 and 180 degrees; "
+                             "fix the cell parameters of the CIF")
 
 
 def _parse(cif_text: str) -> Structure:
@@ -237,6 +260,7 @@ def canonicalize(cif_text: str, symmetrized: bool = False) -> str:
     Raises:
         InputError: unparseable CIF, disorder / partial occupancy, Z = 0, or an element outside the vocabulary.
     """
+    check_cell_parameters(cif_text)
     if symmetrized:
         return _apply_edits(cif_text)
     return canonicalize_structure(_parse(cif_text))

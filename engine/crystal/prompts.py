@@ -43,6 +43,15 @@ MAX_Z = 32
 
 HM_TAG = "_symmetry_space_group_name_H-M"
 
+MAX_CIF_TOKENS = 8192
+"""Longest CIF a model here can read back whole: the largest context (block_size) a model may have
+(`engine.train.config.MAX_BLOCK_SIZE`). A composition whose shortest possible CIF is longer cannot be expressed."""
+MAX_MULTIPLICITY = 192
+"""Most atoms one atom-site row can stand for: the largest Wyckoff multiplicity of any space group (Fm-3m, 192l)."""
+# Lower bounds on the tokens of a canonical CIF (measured on the NaCl model view, rounded down): the lines every CIF
+# has, what each element adds (its atom-properties row and formula entries) and one atom-site row.
+_MIN_BASE_TOKENS, _MIN_ELEMENT_TOKENS, _MIN_ROW_TOKENS = 120, 25, 30
+
 # Old e-glide spellings that pymatgen/spglib no longer use; the vocabulary holds the new ones.
 _OLD_SYMBOLS = {"Cmca": "Cmce", "Cmma": "Cmme", "Ccca": "Ccce", "Abm2": "Aem2", "Aba2": "Aea2"}
 
@@ -271,6 +280,36 @@ def build_prompts(formula: str | None, z: int | None = None, spacegroup: str | i
     return [cell_prompt(cell_formula(Composition({el: n * zi for el, n in reduced.items()})), sg) for zi in zs]
 
 
+def min_cif_tokens(counts: dict[str, int]) -> int:
+    """A lower bound on the tokens of any canonical CIF with this cell composition (element -> atoms in the cell).
+
+    Even in the most symmetric space group each element needs ``ceil(count / MAX_MULTIPLICITY)`` atom-site rows.
+    """
+    rows = sum(-(-n // MAX_MULTIPLICITY) for n in counts.values())
+    digits = sum(len(str(n)) for n in counts.values())
+    return _MIN_BASE_TOKENS + _MIN_ELEMENT_TOKENS * len(counts) + 2 * digits + _MIN_ROW_TOKENS * rows
+
+
+def check_expressible(cell: str, counts: dict[str, int], limit: int = MAX_CIF_TOKENS) -> None:
+    """Refuse a cell composition whose shortest CIF cannot fit in ``limit`` tokens, naming the limit.
+
+    Raises:
+        PromptError: the composition needs more tokens than any model here can hold; the message gives the
+            estimate and the largest cell of these elements that fits.
+    """
+    need = min_cif_tokens(counts)
+    if need <= limit:
+        return
+    room = limit - _MIN_BASE_TOKENS - _MIN_ELEMENT_TOKENS * len(counts) - 2 * 4 * len(counts)
+    max_atoms = max(0, room // _MIN_ROW_TOKENS) * MAX_MULTIPLICITY
+    raise PromptError(
+        f"the cell {cell} ({sum(counts.values()):,} atoms) cannot be expressed: even in the most symmetric space "
+        f"group (at most {MAX_MULTIPLICITY} atoms per site) its CIF needs at least {need:,} tokens, more than the "
+        f"{limit:,}-token context (block_size) of the largest model; a cell of {len(counts)} element(s) can hold "
+        f"at most about {max_atoms:,} atoms: give a smaller cell or a formula unit with a small Z"
+    )
+
+
 def cell_prompt(cell: str, spacegroup: str | int | None = None) -> Prompt:
     """The prompt for an exact cell composition as a ``data_`` line writes it (``Na4Cl4``), with no limit on Z.
 
@@ -278,9 +317,11 @@ def cell_prompt(cell: str, spacegroup: str | int | None = None) -> Prompt:
     units than `MAX_Z` allows for typed requests. Z is the greatest common divisor of the counts.
 
     Raises:
-        PromptError: a malformed composition or space group, or an element outside the vocabulary.
+        PromptError: a malformed composition or space group, an element outside the vocabulary, or a cell too
+            large for any CIF a model here can hold (`check_expressible`).
     """
     counts = parse_formula_spec(cell)
+    check_expressible(cell, counts)
     sg = normalize_spacegroup(spacegroup) if spacegroup not in (None, "") else None
     text = f"data_{cell}\n"
     if sg is not None:

@@ -53,7 +53,7 @@ from engine.data.sources import (
     scan_source,
 )
 from engine.lab.errors import InputError
-from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
+from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json, writable_problem
 from engine.lab.safe_pickle import dump_pickle, load_pickle
 from engine.lab.settings import get_settings
 
@@ -367,14 +367,30 @@ def _finish(tmp: Path, out_dir: Path, overwrite: bool, stats: dict, provenance: 
 # Building from CIFs
 
 
-def _split_counts(n: int, val_fraction: float) -> int:
-    """Number of validation CIFs out of ``n`` accepted ones."""
+VAL_FRACTION_KNOB = "the validation fraction (--val-fraction; the Data page's Validation share)"
+"""How messages name ``val_fraction``: the same words serve the CLI and the dashboard."""
+
+
+def _split_counts(n: int, val_fraction: float, sources: Sequence[str | os.PathLike], rejects: list[dict],
+                  n_duplicates: int) -> int:
+    """Number of validation CIFs out of ``n`` accepted ones.
+
+    Raises:
+        InputError: fewer than 2 CIFs for a split; names the sources, the rejected inputs (count and first
+            reasons), the duplicates removed and the setting to change.
+    """
     if val_fraction == 0:
         return 0
     if n < 2:
-        raise InputError(f"only {n} CIF remains after rejects and deduplication: too few for a train/validation "
-                         "split. Add more CIFs, or build a train-only dataset with val_fraction=0 "
-                         "(--val-fraction 0).")
+        names = ", ".join(str(src) for src in sources[:3]) + (" ..." if len(sources) > 3 else "")
+        first = "; ".join(f"{r['name']}: {r['reason']}" for r in rejects[:2])
+        why = [f"{len(rejects)} input(s) rejected" + (f" ({first})" if first else "")]
+        if n_duplicates:
+            why.append(f"{n_duplicates} duplicate(s) removed")
+        raise InputError(
+            f"only {n} CIF remains from {names} ({', '.join(why)}): too few for a train/validation split; add "
+            f"more CIFs, or set {VAL_FRACTION_KNOB} to 0 for a train-only dataset"
+        )
     return min(n - 1, max(1, round(n * val_fraction)))
 
 
@@ -413,8 +429,11 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     t0 = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, overwrite)
+    problem = writable_problem(out_dir.parent)
+    if problem is not None:  # before any CIF is read: a build can take hours
+        raise InputError(f"the dataset folder {out_dir} cannot be created: {problem}; choose another output folder")
     if not 0.0 <= val_fraction < 1.0:
-        raise InputError(f"val_fraction={val_fraction} must be at least 0 and below 1 (e.g. 0.1).")
+        raise InputError(f"{VAL_FRACTION_KNOB} is {val_fraction}: it must be at least 0 and below 1 (e.g. 0.1)")
     if not sources:
         raise InputError(f"no dataset sources given; give {SOURCE_KINDS_HELP}.")
     for s in sources:  # a mistyped path fails at once, not after the other sources were read
@@ -438,9 +457,10 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     kept, duplicates = _deduplicate(accepted, items) if dedup else (accepted, [])
     if not kept:
         first = "; ".join(f"{r['name']}: {r['reason']}" for r in rejects[:3])
-        raise InputError(f"none of the {len(items) + unreadable} inputs could be used ({first}). Fix the inputs "
-                         "listed.")
-    n_val = _split_counts(len(kept), val_fraction)
+        names = ", ".join(str(src) for src in sources[:3]) + (" ..." if len(sources) > 3 else "")
+        raise InputError(f"none of the {len(items) + unreadable} inputs from {names} could be used ({first}); fix "
+                         "the inputs listed")
+    n_val = _split_counts(len(kept), val_fraction, sources, rejects, len(duplicates))
     order = np.random.default_rng(seed).permutation(len(kept))
     splits = {"val": [kept[k] for k in order[:n_val]], "train": [kept[k] for k in order[n_val:]]}
 

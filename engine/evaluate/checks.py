@@ -34,7 +34,9 @@ Deliberate differences from upstream CrystaLLM (the README quotes this list):
 3. ``is_sensible`` judges only the cell values present; a text missing them is caught by the parse instead.
 4. A check that raises gives None (as upstream) and ``is_valid`` is then False; the evaluator adds
    ``failure_reason`` "timeout" when a sample exceeds its time box.
-5. ``smact_valid`` is None (undecided) when the oxidation-state combinations exceed ``max_smact_combinations``.
+5. A disordered or partially occupied site (occupancy below 1, or two elements on one site) gives
+   ``failure_reason`` "disordered" and ``is_valid`` False; the structure checks are not run.
+6. ``smact_valid`` is None (undecided) when the oxidation-state combinations exceed ``max_smact_combinations``.
 """
 
 from __future__ import annotations
@@ -397,6 +399,12 @@ def _check(
         n_elements=len(comp.elements),
         density=float(structure.density),
     )
+    disordered = next((i for i, site in enumerate(structure) if not site.is_ordered), None)
+    if disordered is not None:
+        # Bond scores and symmetry need one element per site; a generated CIF never means partial occupancy.
+        row.update(failure_reason="disordered", failure_detail=f"site {disordered} "
+                   f"({structure[disordered].species.formula}) is disordered or partially occupied")
+        return row
     if n > max_sites:
         row.update(failure_reason="too_many_sites", failure_detail=f"{n} sites after symmetry expansion > {max_sites}")
         _prompt_hits(row, prompt, structure)

@@ -42,7 +42,8 @@ from typing import Any, Callable
 
 from engine import __version__
 from engine.lab.errors import ConfigError, CrystallabError, InputError
-from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
+from engine.lab.fsutil import atomic_write_json, atomic_write_text, check_writable, read_json
+from engine.lab.jobs import OWNER_FILE, hold_folder
 
 MATCHER = {"stol": 0.5, "ltol": 0.3, "angle_tol": 10.0}
 """StructureMatcher tolerances of the CSP benchmark (fractional length, site and angle-in-degrees tolerances)."""
@@ -413,7 +414,7 @@ _SETTINGS_KEYS = ("checkpoint", "targets", "n_targets", "sampling", "matcher", "
 def _check_resume(run: Path, config: dict) -> None:
     old = read_json(run / "config.json")
     if old is None:
-        if run.exists() and any(run.iterdir()):
+        if run.exists() and any(p.name != OWNER_FILE for p in run.iterdir()):
             raise InputError(f"{run} exists and is not a CSP run folder: choose another --out or remove it")
         return
     changed = [k for k in _SETTINGS_KEYS if old.get(k) != config.get(k)]
@@ -473,10 +474,8 @@ def run_csp(
         InputError: bad targets source or an out folder holding something else / another run's settings.
         CheckpointError, ConfigError, PromptError: as the sampler.
     """
-    from engine.crystal.prompts import Prompt
-    from engine.evaluate.evaluation import run_pool
     from engine.models.family import load_family_model, provenance, resolve_knobs, shared_knobs
-    from engine.sample.sampler import resolve_device, sample_seed
+    from engine.sample.sampler import resolve_device
 
     if k < 1:
         raise ConfigError(f"k = {k} must be at least 1 sample per target")
@@ -495,6 +494,22 @@ def run_csp(
                     with_spacegroup=with_spacegroup, max_sites=max_sites)
     config = _config(info, str(Path(targets_source).expanduser().resolve()), targets, rejects, settings)
     _check_resume(run, config)
+    check_writable(run.parent, "the CSP run's parent folder", "choose another --out")
+    with hold_folder(run, "CSP run", "wait for it to finish, or stop it and re-run the same command to continue"):
+        return _run_targets(run, config, model, knobs, targets, rejects, k=k, seed=seed,
+                            with_spacegroup=with_spacegroup, batch_size=batch_size, workers=workers,
+                            timeout_s=timeout_s, max_sites=max_sites, progress=progress)
+
+
+def _run_targets(run: Path, config: dict, model: Any, knobs: dict[str, Any], targets: list[Target],
+                 rejects: list[dict], *, k: int, seed: int, with_spacegroup: bool, batch_size: int | None,
+                 workers: int | None, timeout_s: float | None, max_sites: int,
+                 progress: Callable[[int, int], None] | None) -> dict:
+    """The body of `run_csp` once the run folder is owned: write the listing once, then score what is missing."""
+    from engine.crystal.prompts import Prompt
+    from engine.evaluate.evaluation import run_pool
+    from engine.sample.sampler import sample_seed
+
     (run / "targets").mkdir(parents=True, exist_ok=True)
     if not (run / "config.json").exists():
         config["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -134,7 +134,11 @@ def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
             return
         if task is None:
             return
-        conn.send((task[0], fn(*task[1:])))
+        try:
+            row = fn(*task[1:])
+        except Exception as exc:  # noqa: BLE001 - a check that breaks on one odd CIF is that CIF's verdict
+            row = _problem_row("check_error", f"{type(exc).__name__}: {exc}"[:500])
+        conn.send((task[0], row))
 
 
 class _Worker:
@@ -468,8 +472,12 @@ def _run_cli(args: argparse.Namespace) -> int:
     if hint:
         lines.append(hint)
     lines.append(f"wrote {out} and {summary}")
+    broken = int(df["failure_reason"].isin(["check_error", "worker_crashed"]).sum())
+    if broken:
+        lines.append(f"error: {broken} file(s) could not be checked (failure_reason check_error or worker_crashed; "
+                     f"failure_detail in {out.name} says why); their rows carry no verdict")
     print("\n".join(lines), file=sys.stderr)
-    return 0
+    return 1 if broken else 0
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

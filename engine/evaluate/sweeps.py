@@ -53,6 +53,7 @@ import yaml
 from engine.crystal.prompts import Prompt, build_prompts, parse_formula_spec
 from engine.lab.errors import CheckpointError, ConfigError, CrystallabError, InputError, PromptError
 from engine.lab.fsutil import atomic_write_text, read_json
+from engine.lab.jobs import FolderLock, hold_folder
 from engine.lab.settings import get_settings
 from engine.train.config import parse_key_value, read_yaml_mapping
 
@@ -433,18 +434,10 @@ def _dataset_dir(name: str) -> Path:
     return settings.datasets_dir / name if (settings.datasets_dir / name).is_dir() else settings.runs_dir / name
 
 
-def _lock(out: Path):
-    """Hold an exclusive lock on the sweep folder (released by the kernel if this process dies)."""
-    import fcntl
-
-    fh = open(out / ".sweep.lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise ConfigError(f"sweep folder {out} is in use by another running sweep: wait for it, stop it "
-                          "(a STOP file in that folder), or choose another --out") from None
-    return fh
+def _lock(out: Path) -> FolderLock:
+    """Own the sweep folder (released by the kernel if this process dies); a busy one names its holder."""
+    return hold_folder(out, "sweep folder", "wait for that sweep, stop it (a STOP file in that folder), or "
+                       "choose another --out")
 
 
 class _Sweep:
@@ -621,8 +614,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
     sweep = _Sweep(config, out, progress)
     try:
         (out / "cells").mkdir(exist_ok=True)
-        for partial in (out / "cells").glob(".*.partial-*"):
-            shutil.rmtree(partial)  # a sample set being written when a previous sweep was killed
+        for partial in (out / "cells").glob(".*.partial*"):
+            shutil.rmtree(partial)  # a cell being sampled when a previous sweep was killed: its settings may differ
         atomic_write_text(out / "sweep.yaml", dump_sweep_config(config))
         sweep.folder.write_env(str(device))  # version, git commit, device: the report states them
         sweep.status(None, None, state="running", pid=os.getpid(), host=_host(), error=None, device=str(device),
@@ -674,7 +667,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
     finally:
         sweep.pool.shutdown(wait=True, cancel_futures=True)
         (out / STOP_FILE).unlink(missing_ok=True)
-        lock.close()
+        lock.release()
     if sweep.errors:
         sweep.status(None, None, state="failed", error=str(sweep.errors[0]),
                      message=f"{len(sweep.failed)} cell(s) failed; the others are in the report")

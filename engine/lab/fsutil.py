@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
@@ -53,6 +54,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(folder: str | os.PathLike, what: str, hint: str) -> Path:
+    """Make sure files can be created in ``folder`` (created if missing) before any work is spent on them.
+
+    Probes by creating and removing a temporary file rather than trusting permission bits, which root ignores
+    and which say nothing about read-only mounts or full quotas.
+
+    Raises:
+        InputError: the folder cannot be created or written; the message names it, the reason and ``hint``.
+    """
+    from engine.lab.errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"{what} {folder} cannot be written ({reason}); {hint}") from None
+    return folder
+
+
+def writable_problem(path: str | os.PathLike) -> str | None:
+    """Why a folder could not be created and written at ``path`` (without creating it), or None.
+
+    The nearest existing ancestor is probed as in `check_writable`; nothing is left behind.
+    """
+    path = Path(path)
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=".tmp", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{probe_dir} cannot be written ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files `atomic_write` leaves when a writer is killed mid-write; return them.
+
+    Only the folder's owner may call this (it holds the folder's lock), so no live writer's temporary is removed.
+    """
+    removed = []
+    now = time.time()
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -14,6 +14,12 @@ neither kills nor duplicates it. Everything about a job lives in its folder, whi
 Launching takes an exclusive ``flock`` on ``<job_dir>/.launch.lock``; inside it a job that is still running is
 returned instead of starting a second one, so two tabs pressing "launch" at once start one job. The lock is
 released by the kernel if the launcher dies, so it never goes stale.
+
+Output folders (a training run, a sample set being written, a sweep, a CSP run) are owned by one live process:
+`hold_folder` takes an exclusive ``flock`` on ``<folder>/.owner.lock`` and writes the holder (pid, host, start
+time, command) into it, so a second process is refused with a message naming the holder. The kernel drops the
+lock when its process dies, so a lock left by a killed process is stale by construction and is taken over (the
+new holder's record replaces the dead one's, and `FolderLock.previous` says who that was).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -128,6 +135,96 @@ def _launch_lock(job_dir: Path) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+OWNER_FILE = ".owner.lock"
+
+
+class FolderLock:
+    """An exclusive hold on an output folder, released by `release` (or by the kernel when the process dies)."""
+
+    def __init__(self, folder: Path, fd: int, holder: dict, previous: dict | None) -> None:
+        self.folder, self.holder, self.previous = folder, holder, previous
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (unlinking it would race a new holder)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        data = os.pread(fd, 65536, 0)
+        return json.loads(data) if data.strip() else None
+    except (OSError, ValueError):
+        return None  # torn or foreign content: no holder to name
+
+
+def describe_holder(holder: dict | None) -> str:
+    """``process PID on HOST (since TIME: COMMAND)`` for a holder record (see `hold_folder`)."""
+    if not holder:
+        return "another process"
+    command = " ".join(holder.get("argv") or [])
+    return (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started_at')}"
+            + (f": {command}" if command else "") + ")")
+
+
+def hold_folder(folder: str | os.PathLike, what: str, hint: str = "wait for it to finish or stop it") -> FolderLock:
+    """Take the folder's owner lock (creating the folder), or refuse naming the live process that holds it.
+
+    Args:
+        folder: The output folder.
+        what: What the folder is, for the message ("run folder", "sample set").
+        hint: What the user can do about a busy folder.
+
+    Raises:
+        InputError: another live process holds the folder (its pid, host, start time and command are named), or
+            the lock file cannot be created there.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / OWNER_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise InputError(f"{what} {folder} cannot be written ({exc.strerror}); choose another folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise InputError(f"{what} {folder} is in use by {describe_holder(holder)}; {hint}") from None
+    previous = _read_holder(fd)
+    holder = {"pid": os.getpid(), "pid_start": _proc_start_ticks(os.getpid()), "host": socket.gethostname(),
+              "started_at": _now(), "argv": sys.argv[1:]}
+    data = json.dumps(holder).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    return FolderLock(folder, fd, holder, previous)
+
+
+def folder_holder(folder: str | os.PathLike) -> dict | None:
+    """The record of the live process holding ``folder`` (see `hold_folder`), or None when it is free."""
+    path = Path(folder) / OWNER_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
         os.close(fd)
 
 

@@ -9,6 +9,7 @@ A training run folder ``runs/train/<run>/`` holds::
     log.txt        human-readable log
     ckpt/          last.pt, best.pt
     STOP           a stop request (the dashboard's stop button writes it; the trainer removes it at exit)
+    .owner.lock    held by the one live process training into the folder (pid, host, start; `engine.lab.jobs`)
 
 Readers (dashboard, CLI) only use this module, so a run that crashed or was killed is reported honestly:
 a status that says ``running`` whose process is gone on this host reads as ``died``.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.lab.fsutil import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from engine.lab.jobs import pid_alive
+from engine.lab.jobs import FolderLock, hold_folder, pid_alive
 from engine.lab.settings import REPO_ROOT, get_settings
 
 STATES = ("pending", "running", "completed", "failed", "stopped")
@@ -46,6 +47,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.lock: FolderLock | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -98,6 +100,24 @@ class RunFolder:
                 continue
             return cls(path)
         raise FileExistsError(f"could not find a free run folder name for {stem} under {root}")
+
+    # --- ownership ---
+    def acquire(self) -> FolderLock:
+        """Own the folder for this process (see `engine.lab.jobs.hold_folder`); refuses while another process trains.
+
+        Raises:
+            InputError: a live process holds it; the message names its pid, host, start time and command.
+        """
+        if self.lock is None:
+            self.lock = hold_folder(self.path, "run folder",
+                                    "wait for that run to finish, or stop it (the dashboard's Stop button or a "
+                                    f"STOP file in {self.path}) and resume it then")
+        return self.lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # --- config and environment (written once) ---
     def write_config(self, yaml_text: str) -> None:

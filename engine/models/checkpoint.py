@@ -7,17 +7,21 @@ further top-level keys. Only plain types are stored, so every file is read with 
 loading never runs code from the file. CrystaLLM's published checkpoints load as they are.
 
 Saving goes to a temporary file in the same folder, is fsynced, then renamed over the target: a kill at any
-moment leaves the previous checkpoint intact.
+moment leaves the previous checkpoint intact. Our checkpoints record a SHA-256 of their weights
+(``crystallab.weights_sha256``); loading with checks, and ``ckpt inspect``, verify it and that every weight is
+finite, so a file whose bytes were flipped or whose training diverged to NaN is reported instead of sampled.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +157,9 @@ def save_checkpoint(
     if model_args is None:
         raise TypeError(f"save_checkpoint needs a GPT model, got {type(bare).__name__}")
     provenance = {"run": None, "step": int(iter_num), "data_fingerprint": None, "parent": None, **meta}
+    weights = bare.state_dict()
     provenance.update(
+        weights_sha256=weights_sha256(weights),
         vocab_fingerprint=vocab_fingerprint(),
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         version=__version__,
@@ -161,7 +167,7 @@ def save_checkpoint(
     if isinstance(best_val_loss, torch.Tensor):
         best_val_loss = best_val_loss.item()
     payload = {
-        "model": bare.state_dict(),
+        "model": weights,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "model_args": model_args,
         "iter_num": int(iter_num),
@@ -324,6 +330,33 @@ def vocab_problem(path: Path, model_args: dict[str, Any], meta: dict[str, Any]) 
     return None
 
 
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (keys sorted; wrapper prefixes ignored)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(_clean_state_dict(state).items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_problem(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+    """Why these weights must not be used (corrupted bytes, NaN or infinite values), or None.
+
+    The recorded ``weights_sha256`` (our checkpoints) catches any changed byte of the weights; the finiteness
+    check also covers upstream files, which record no digest, and a run whose training diverged.
+    """
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and recorded != weights_sha256(state):
+        return (f"{path} is corrupted: its weights do not match the SHA-256 recorded when it was saved; use "
+                "another checkpoint (a run keeps ckpt/last.pt and ckpt/best.pt) or copy the file again")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        return (f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                "the training that wrote it diverged or the file is damaged: use an earlier checkpoint")
+    return None
+
+
 def _shape_problem(path: Path, model_args: dict[str, Any], state: dict[str, torch.Tensor]) -> str | None:
     """Why the weights cannot load strictly into the GPT that ``model_args`` describe, or None."""
     try:
@@ -367,7 +400,7 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: missing or unreadable file, pickled code, missing ``model``/``model_args``, a foreign
-            vocabulary, or weights whose shapes disagree with ``model_args``.
+            vocabulary, weights whose shapes disagree with ``model_args``, or corrupted / non-finite weights.
     """
     path = Path(path)
     raw = _read(path, map_location, mmap=mmap)
@@ -379,7 +412,8 @@ def _to_checkpoint(path: Path, raw: dict[str, Any], check: bool) -> Checkpoint:
     meta = dict(raw.get(META_KEY) or {})
     state = _clean_state_dict(raw["model"])
     if check:
-        problem = vocab_problem(path, model_args, meta) or _shape_problem(path, model_args, state)
+        problem = (vocab_problem(path, model_args, meta) or _shape_problem(path, model_args, state)
+                   or weights_problem(path, state, meta))
         if problem:
             raise CheckpointError(problem)
     best = raw.get("best_val_loss")
@@ -452,6 +486,18 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
+_WEIGHTS_CACHE: dict[tuple[str, int, int, int], str | None] = {}
+
+
+def _cached_weights_problem(path: Path, ckpt: Checkpoint) -> str | None:
+    """`weights_problem`, computed once per file version in this process (the dashboard lists checkpoints often)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _WEIGHTS_CACHE:
+        _WEIGHTS_CACHE[key] = weights_problem(path, ckpt.state_dict, ckpt.meta)
+    return _WEIGHTS_CACHE[key]
+
+
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-ready summary of a checkpoint: identity, size, step, shape, vocabulary check and provenance.
 
@@ -462,7 +508,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     raw = _read(path, "cpu", mmap=True)  # memory-mapped: describing a 300 MB file reads little of it
     ckpt = _to_checkpoint(path, raw, check=False)
     vocab = vocab_problem(path, ckpt.model_args, ckpt.meta)
-    problem = vocab or _shape_problem(path, ckpt.model_args, ckpt.state_dict)
+    problem = vocab or _shape_problem(path, ckpt.model_args, ckpt.state_dict) or _cached_weights_problem(path, ckpt)
     # lm_head.weight is the tied wte.weight, so it is not counted twice
     n_params = sum(t.numel() for k, t in ckpt.state_dict.items() if k != "lm_head.weight")
     return {
@@ -477,6 +523,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         "problem": problem,
         "upstream": ckpt.is_upstream,
         "has_optimizer": ckpt.optimizer_state is not None,
+        "weights_sha256": ckpt.meta.get("weights_sha256"),
         "run": ckpt.meta.get("run"),
         "parent": ckpt.meta.get("parent"),
         "data_fingerprint": ckpt.meta.get("data_fingerprint"),
@@ -490,7 +537,11 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(checkpoint_info(args.path), indent=2, default=str))
+    info = checkpoint_info(args.path)
+    print(json.dumps(info, indent=2, default=str))
+    if info["problem"]:
+        print(f"error: {info['problem']}", file=sys.stderr)
+        return 2
     return 0
 
 

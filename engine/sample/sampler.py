@@ -34,8 +34,10 @@ Sample sets (`sample_to_dir`, ``crystallab sample``): ``config.json`` (prompt, s
 path/step/sha256/run, device, elapsed_s and tokens_per_s of generation), ``raw/NNNN.txt`` (full text, prompt
 included), ``processed/NNNN.cif`` (post-processed successes; a text cut at ``max_new_tokens`` is recorded as a
 ``truncated`` failure, never written there), ``samples.jsonl`` (per sample: index, n_new_tokens, finished,
-truncated_reason, postprocess_ok/reason/error). They are written into a hidden sibling folder renamed
-into place when complete; evaluation (``eval.csv``, ``eval_summary.json``) follows. The CLI draws ``--n`` samples
+truncated_reason, postprocess_ok/reason/error). They are written batch by batch into the hidden sibling
+``.<name>.partial/`` and renamed into place when complete, so a killed run keeps its finished batches and the same
+command continues it (`write_sample_set`); evaluation (``eval.csv``, ``eval_summary.json``) follows, and is
+finished by the same command when it was killed. The CLI draws ``--n`` samples
 per prompt: a reduced formula without ``--z`` gives one set per Z, in ``z1/``, ``z2/``, ... under ``--out``.
 """
 
@@ -49,9 +51,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,16 @@ from engine.crystal.prompts import Prompt, build_prompts
 from engine.crystal.tokenizer import decode, encode
 from engine.crystal.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SPACE_ID, STOI, TOKENS, VOCAB_SIZE
 from engine.lab.errors import ConfigError, InputError, PromptError
-from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
+from engine.lab.fsutil import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+)
+from engine.lab.jobs import OWNER_FILE, hold_folder
 from engine.lab.settings import get_settings
 from engine.models.checkpoint import checkpoint_info, cli_checkpoint_path, load_model
 from engine.models.gpt import GPT, KVCache
@@ -241,6 +250,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
     stop_at_cif_end: bool = True,
+    first_index: int = 0,
 ) -> list[Generation]:
     """Generate ``n`` continuations of one prompt (see the module docstring for batching, seeding, constraints).
 
@@ -260,6 +270,8 @@ def generate(
         progress: Called as ``progress(done, n)`` whenever samples complete.
         use_cache: Decode with the KV cache (False: recompute the cropped context every step, as upstream).
         stop_at_cif_end: Stop a row at the CIF end (False: always generate ``max_new_tokens``; for benchmarks).
+        first_index: Index of the first sample: the call makes samples ``first_index .. first_index + n - 1``, each
+            with the random stream of its own index (a resumed sample set continues with the samples it lacks).
 
     Returns:
         ``n`` Generations in sample order.
@@ -277,7 +289,7 @@ def generate(
         autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             for start in range(0, n, batch_size):
-                rows = list(range(start, min(n, start + batch_size)))
+                rows = list(range(first_index + start, first_index + min(n, start + batch_size)))
                 report = None
                 if progress is not None:
                     report = functools.partial(lambda done, base: progress(base + done, n), base=len(results))
@@ -432,15 +444,13 @@ def sample_to_dir(
 ) -> Path:
     """Load a checkpoint, sample ``n`` CIFs for ``prompt`` and write a sample set (ARCHITECTURE.md) to ``out_dir``.
 
-    The set is written into a hidden sibling folder and renamed to ``out_dir`` only once ``config.json``,
-    ``raw/``, ``processed/`` and ``samples.jsonl`` are complete, so an interrupted run never looks like a
-    finished set. Evaluation (``eval.csv``, ``eval_summary.json``) runs afterwards on the finished set; it can be
-    redone with ``crystallab evaluate``.
+    Resumable (see `write_sample_set`): the same call after a kill continues where it stopped, and finishes the
+    evaluation of a set that was killed while being evaluated.
 
     Args:
         ckpt: Checkpoint file.
         prompt: From `engine.crystal.prompts.build_prompts`.
-        out_dir: Folder to create; it must not exist or be empty.
+        out_dir: Folder to create; it must not exist, be empty, or hold this very request (continued).
         constrain: Restrict element tokens to the prompt's elements (when it has a composition) and the token
             after the H-M tag to space-group symbols (see the module docstring).
         evaluate: Run ``engine.evaluate.evaluation.evaluate_sample_set`` on the finished set.
@@ -450,12 +460,12 @@ def sample_to_dir(
         ``out_dir``.
 
     Raises:
-        InputError: ``out_dir`` already holds files.
+        InputError: ``out_dir`` holds something other than this request's sample set, or cannot be written.
         CheckpointError, ConfigError, PromptError: as `load_model` and `generate`.
     """
     dev = resolve_device(device)
     _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
-    out = _free_target(out_dir)
+    out = _check_target(out_dir)
     model, _ = load_model(ckpt, dev)
     return write_sample_set(
         model, checkpoint_info(ckpt), prompt, out, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -464,11 +474,54 @@ def sample_to_dir(
     )
 
 
-def _free_target(out_dir: str | os.PathLike) -> Path:
+PARTIAL_SUFFIX = ".partial"
+"""A set being written lives in the hidden sibling ``.<name>.partial/`` until it is complete."""
+REQUEST_KEYS = ("prompt", "sampling", "checkpoint")
+"""The parts of ``config.json`` that identify a request: the same values continue a set, others are refused."""
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}{PARTIAL_SUFFIX}"
+
+
+def _check_target(out_dir: str | os.PathLike) -> Path:
+    """The absolute output folder, refused before any work when it can hold no sample set or cannot be written.
+
+    A folder holding a sample set (complete or not) passes: whether it is the same request is decided once the
+    request is known (`write_sample_set`).
+
+    Raises:
+        InputError: a file, a non-empty folder that is no sample set, or a folder that cannot be written.
+    """
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} already exists and is not empty: choose another output folder or remove it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file: choose another output folder")
+    if out.is_dir() and any(p.name != OWNER_FILE for p in out.iterdir()) and not (out / "config.json").is_file():
+        raise InputError(f"{out} already exists and holds no sample set: choose another output folder or remove it")
+    check_writable(out.parent, "the output folder's parent", "choose another output folder (--out)")
+    if out.is_dir():
+        check_writable(out, "the sample set", "choose another output folder (--out)")
     return out
+
+
+def _differences(recorded: dict, request: dict) -> list[str]:
+    """Names of the request's settings (``sampling.seed``, ``checkpoint.sha256`` ...) that differ from a record."""
+    diffs = []
+    for part in REQUEST_KEYS:
+        old, new = recorded.get(part) or {}, request.get(part) or {}
+        diffs += [f"{part}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return diffs
+
+
+def _refuse_other_request(where: Path, recorded: dict, request: dict, finished: bool) -> None:
+    diffs = _differences(recorded, request)
+    if diffs:
+        what = "a sample set" if finished else "an unfinished sample set"
+        raise InputError(
+            f"{where} holds {what} made with different settings ({', '.join(diffs[:4])}"
+            f"{' ...' if len(diffs) > 4 else ''}): re-run the same command to continue it, or choose another "
+            "output folder (--out)"
+        )
 
 
 def _device_label(dev: torch.device) -> str:
@@ -495,18 +548,24 @@ def write_sample_set(
     evaluate: bool,
     progress: Callable[[int, int], None] | None,
 ) -> Path:
+    """Sample ``n`` CIFs into the sample set ``out``; resumable, so a killed run loses at most one batch.
+
+    Samples are drawn in fixed batches ``[k * batch_size, (k + 1) * batch_size)``, each sample from the random
+    stream of its own index (`sample_seed`), and every finished batch is kept on disk (``raw/``, ``processed/``
+    and its lines of ``progress.jsonl``) in the hidden ``.<name>.partial/`` folder, renamed to ``out`` once all
+    ``n`` are there. Calling again with the same request (prompt, sampling settings, checkpoint) after a kill
+    skips the finished batches and redraws the rest exactly as the uninterrupted run would have; a complete set
+    is left as it is, and its evaluation is finished when it is missing. One live process owns the set while it
+    is written (`engine.lab.jobs.hold_folder`).
+
+    Raises:
+        InputError: ``out`` (or its partial folder) holds a set made with other settings (they are named), or
+            another live process is writing it.
+    """
     _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
     allowed = (prompt.elements or None) if constrain else None
     batch_size = min(n, batch_size or DEFAULT_BATCH_SIZE)
-    t0 = time.perf_counter()
-    gens = generate(
-        model, encode(prompt.text), n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, allowed_elements=allowed,
-        constrain_spacegroup=constrain, device=device, progress=progress,
-    )
-    elapsed = time.perf_counter() - t0
-    new_tokens = sum(g.n_new_tokens for g in gens)
-    config = {
+    request = {
         "prompt": prompt.to_dict(),
         "sampling": {
             "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
@@ -514,6 +573,97 @@ def write_sample_set(
             "constrain_spacegroup": constrain, "use_cache": True,
         },
         "checkpoint": {k: ckpt_info.get(k) for k in ("path", "step", "sha256", "run")},
+    }
+    request = json.loads(json.dumps(request))  # as read back from disk (tuples become lists)
+    busy = "wait for it to finish, or stop it and re-run the same command to continue"
+    recorded = read_json(out / "config.json")
+    if recorded is not None:
+        _refuse_other_request(out, recorded, request, finished=True)
+        if evaluate and not (out / "eval_summary.json").exists():
+            from engine.evaluate.evaluation import (
+                evaluate_sample_set,  # heavy (pymatgen analysis, worker pool): load on use
+            )
+
+            with hold_folder(out, "sample set", busy):  # a set killed during its evaluation: finish it
+                evaluate_sample_set(out)
+        return out
+    partial = _partial_dir(out)
+    with hold_folder(partial, "sample set", busy):
+        config = _sample_batches(model, prompt, partial, request, device, progress)
+        atomic_write_json(partial / "config.json", config)
+        (partial / "progress.jsonl").unlink()
+        (partial / "request.json").unlink()
+        if out.is_dir():  # an empty folder made for the set (by the user, or a lock taken on it earlier)
+            (out / OWNER_FILE).unlink(missing_ok=True)
+            out.rmdir()
+        os.replace(partial, out)
+        if evaluate:
+            from engine.evaluate.evaluation import evaluate_sample_set
+
+            evaluate_sample_set(out)
+    return out
+
+
+def _sample_batches(model: GPT, prompt: Prompt, partial: Path, request: dict, device: torch.device,
+                    progress: Callable[[int, int], None] | None) -> dict:
+    """Draw the batches ``partial`` lacks, keep each on disk as it completes; return the set's ``config.json``."""
+    s = request["sampling"]
+    n, batch_size = s["n"], s["batch_size"]
+    previous = read_json(partial / "request.json")
+    if previous is not None:
+        _refuse_other_request(partial, previous, request, finished=False)
+        if previous.get("device") != _device_label(device):
+            raise InputError(f"{partial} holds samples drawn on {previous.get('device')}; continue it there (other "
+                             f"devices draw other samples), or choose another output folder (--out)")
+    else:
+        atomic_write_json(partial / "request.json", {**request, "device": _device_label(device)})
+    (partial / "raw").mkdir(exist_ok=True)
+    (partial / "processed").mkdir(exist_ok=True)
+    for folder in (partial, partial / "raw", partial / "processed"):
+        remove_stale_temporaries(folder)  # files a killed writer left half-written; this process owns the set
+    records = {r["index"]: r for r in read_jsonl(partial / "progress.jsonl")}
+    width = max(4, len(str(n - 1)))
+    ids = encode(prompt.text)
+    for start in range(0, n, batch_size):
+        rows = range(start, min(n, start + batch_size))
+        if all(i in records for i in rows):
+            continue
+        t0 = time.perf_counter()
+        report = None if progress is None else (lambda done, _total, base=len(records): progress(base + done, n))
+        gens = generate(
+            model, ids, n=len(rows), temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+            max_new_tokens=s["max_new_tokens"], seed=s["seed"], batch_size=len(rows),
+            allowed_elements=s["allowed_elements"], constrain_spacegroup=s["constrain_spacegroup"], device=device,
+            progress=report, first_index=start,
+        )
+        elapsed = (time.perf_counter() - t0) / len(rows)
+        batch = []
+        for i, g in zip(rows, gens):
+            name = f"{i:0{width}d}"
+            atomic_write_text(partial / "raw" / f"{name}.txt", g.text)
+            result = postprocess(g.text, g.finished)  # a text cut at max_new_tokens is a failure, not a CIF
+            processed = partial / "processed" / f"{name}.cif"
+            if result.cif is not None:
+                atomic_write_text(processed, result.cif)
+            else:
+                processed.unlink(missing_ok=True)  # left by a killed attempt at this batch
+            batch.append({
+                "index": i, "name": name, "n_new_tokens": g.n_new_tokens, "finished": g.finished,
+                "truncated_reason": g.truncated_reason, "postprocess_ok": result.cif is not None,
+                "postprocess_reason": result.reason, "postprocess_error": result.error,
+                "spacegroup": result.spacegroup, "elapsed_s": elapsed,
+            })
+        for rec in batch:  # after the batch's files: a line on disk means its sample is complete
+            append_jsonl(partial / "progress.jsonl", rec)
+            records[rec["index"]] = rec
+        if progress is not None:
+            progress(len(records), n)
+    ordered = [records[i] for i in range(n)]
+    elapsed = sum(r.pop("elapsed_s") for r in ordered)
+    atomic_write_text(partial / "samples.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
+    new_tokens = sum(r["n_new_tokens"] for r in ordered)
+    return {
+        **request,
         "device": _device_label(device),
         "elapsed_s": round(elapsed, 3),
         "n_new_tokens": new_tokens,
@@ -522,38 +672,6 @@ def write_sample_set(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
-    width = max(4, len(str(n - 1)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        (tmp / "raw").mkdir()
-        (tmp / "processed").mkdir()
-        records = []
-        for i, g in enumerate(gens):
-            name = f"{i:0{width}d}"
-            (tmp / "raw" / f"{name}.txt").write_text(g.text, encoding="utf-8")
-            result = postprocess(g.text, g.finished)  # a text cut at max_new_tokens is a failure, not a CIF
-            if result.cif is not None:
-                (tmp / "processed" / f"{name}.cif").write_text(result.cif, encoding="utf-8")
-            records.append({
-                "index": i, "name": name, "n_new_tokens": g.n_new_tokens, "finished": g.finished,
-                "truncated_reason": g.truncated_reason, "postprocess_ok": result.cif is not None,
-                "postprocess_reason": result.reason, "postprocess_error": result.error,
-                "spacegroup": result.spacegroup,
-            })
-        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        atomic_write_json(tmp / "config.json", config)
-        os.replace(tmp, out)  # an empty `out` is replaced; the set appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if evaluate:
-        from engine.evaluate.evaluation import (
-            evaluate_sample_set,  # heavy (pymatgen analysis, worker pool): load on use
-        )
-
-        evaluate_sample_set(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,7 +718,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     _check_params(args.n, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.batch_size)
     root = _out_root(args, prompts)
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
-    targets = [(p, _free_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]
+    targets = [(p, _check_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]
     ckpt = cli_checkpoint_path(args.ckpt)
     model, _ = load_model(ckpt, dev)
     info = checkpoint_info(ckpt)

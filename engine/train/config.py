@@ -43,6 +43,16 @@ BLOCK_SIZE_FACTOR = 8
 """A new model's context may be at most this many times its preset's (tiny: 256 -> 2048 tokens)."""
 
 
+LOOP_LIMITS: dict[str, tuple[int, str]] = {
+    "max_iters": (10**8, "at a fast 10 ms per step that is 11 days; CrystaLLM large trained 100,000 steps"),
+    "batch_size": (16_384, "sequences per micro-batch; raise gradient_accumulation_steps for a larger batch"),
+    "gradient_accumulation_steps": (4_096, "micro-batches per optimizer step; CrystaLLM uses at most 40"),
+    "eval_iters": (10_000, "batches per split at every evaluation; CrystaLLM uses 100 or less"),
+}
+"""Upper bounds on the loop counts (value, why): a typo such as ``eval_iters: 1000000000`` would otherwise pass
+and then run for years, or hold memory until the machine stalls, before anyone is told."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; written resolved to the run folder's ``config.yaml``."""
@@ -517,6 +527,8 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
     for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval"):
         _check(getattr(c, key) >= 1, f"{key} must be at least 1, got {getattr(c, key)}", source)
+    for key, (limit, why) in LOOP_LIMITS.items():
+        _check(getattr(c, key) <= limit, f"{key}={getattr(c, key):,} exceeds {limit:,} ({why})", source)
     _check(0 <= c.warmup_iters <= c.max_iters,
            f"warmup_iters ({c.warmup_iters}) must be between 0 and max_iters ({c.max_iters})", source)
     if c.lr_decay_iters is not None:

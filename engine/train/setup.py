@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from engine.lab.errors import ConfigError
-from engine.models.gpt import GPT
+from engine.models.gpt import GPT, GPTConfig
 from engine.train.config import ARCH_KEYS, TrainConfig
 
 log = logging.getLogger("engine.train.trainer")
@@ -79,6 +79,85 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> str:
     if config.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; use dtype: float16 (with loss scaling) or float32")
     return config.dtype
+
+
+MAX_TOKENS_PER_STEP = 2**24
+"""Most tokens one optimizer step may see (batch_size x block_size x gradient_accumulation_steps): 16.8 M,
+five times GPT-3's batch and ten times CrystaLLM small's 1.3 M; beyond it a step takes minutes for no gain."""
+MAX_EVAL_TOKENS = 2**28
+"""Most tokens one evaluation may read (2 splits x eval_iters x batch_size x block_size): 268 M, forty times
+CrystaLLM's own evaluation; beyond it every evaluation takes longer than the training between evaluations."""
+ACTIVATION_FLOATS_PER_TOKEN_LAYER = 18
+"""Activations kept for the backward pass per token, per layer, in units of n_embd (q, k, v, attention output,
+two LayerNorm inputs, the 4x MLP input and GELU output, residuals): a lower bound that ignores allocator slack."""
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new run can still use on ``device``: free GPU memory (CUDA), available RAM (CPU); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in open("/proc/meminfo", encoding="ascii"):
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None  # MPS shares RAM with the system and reports no free figure
+
+
+def estimate_memory(config: TrainConfig, dtype: str) -> dict[str, float]:
+    """Bytes a training run needs at least: weights, gradients and AdamW state (16 bytes per parameter: float32
+    weights, gradients and two moments) plus one micro-batch's activations and logits.
+
+    Returns:
+        ``{"params", "state_bytes", "activation_bytes", "total_bytes"}``.
+    """
+    shape = GPTConfig(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,  # type: ignore[arg-type]
+                      block_size=config.block_size, bias=config.bias)  # type: ignore[arg-type]
+    params = shape.num_params(non_embedding=False)
+    width = 4 if dtype == "float32" else 2
+    tokens = config.batch_size * shape.block_size
+    activations = tokens * width * (shape.n_layer * ACTIVATION_FLOATS_PER_TOKEN_LAYER * shape.n_embd + 2 * shape.n_embd)
+    logits = tokens * shape.vocab_size * 4 * 2  # float32 logits and their gradient
+    state = 16 * params
+    return {"params": params, "state_bytes": state, "activation_bytes": activations + logits,
+            "total_bytes": state + activations + logits}
+
+
+def check_resources(config: TrainConfig, device: torch.device, dtype: str) -> str:
+    """Refuse a run that cannot fit its device or whose steps would not end in reasonable time; return a note.
+
+    Raises:
+        ConfigError: too many tokens per step or per evaluation, or more memory than the device has free
+            (the message gives the estimate in GB and what to lower).
+    """
+    c = config
+    per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps  # type: ignore[operator]
+    if per_step > MAX_TOKENS_PER_STEP:
+        raise ConfigError(
+            f"batch_size {c.batch_size} x block_size {c.block_size} x gradient_accumulation_steps "
+            f"{c.gradient_accumulation_steps} = {per_step:,} tokens per optimizer step exceeds {MAX_TOKENS_PER_STEP:,}; "
+            "lower batch_size or gradient_accumulation_steps"
+        )
+    per_eval = 2 * c.eval_iters * c.batch_size * c.block_size  # type: ignore[operator]
+    if per_eval > MAX_EVAL_TOKENS:
+        raise ConfigError(
+            f"eval_iters {c.eval_iters} x batch_size {c.batch_size} x block_size {c.block_size} x 2 splits = "
+            f"{per_eval:,} tokens per evaluation exceeds {MAX_EVAL_TOKENS:,}; lower eval_iters (CrystaLLM: 100 or less)"
+        )
+    est = estimate_memory(c, dtype)
+    need = est["total_bytes"] / 1e9
+    free = free_memory_bytes(device)
+    detail = (f"about {need:.2f} GB: {est['state_bytes'] / 1e9:.2f} GB of weights, gradients and AdamW state for "
+              f"{est['params'] / 1e6:,.1f} M parameters and {est['activation_bytes'] / 1e9:.2f} GB of activations for "
+              f"batch_size {c.batch_size} x block_size {c.block_size}")
+    if free is not None and est["total_bytes"] > free:
+        raise ConfigError(
+            f"this run needs {detail}, but {device} has {free / 1e9:.2f} GB free; lower batch_size (and raise "
+            "gradient_accumulation_steps to keep the effective batch), block_size, n_layer or n_embd"
+        )
+    return f"memory: {detail}" + (f" ({free / 1e9:.1f} GB free on {device})" if free is not None else "")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from engine.lab.errors import ConfigError, CrystallabError, InputError
-from engine.lab.fsutil import sha256_file
+from engine.lab.fsutil import check_writable, remove_stale_temporaries, sha256_file, writable_problem
+from engine.lab.jobs import describe_holder, folder_holder
 from engine.lab.runs import RunFolder
 from engine.lab.settings import get_settings
 from engine.models.checkpoint import load_checkpoint, save_checkpoint
@@ -68,6 +69,7 @@ from engine.train.setup import (
     StopRequested,
     Tracker,
     apply_freezing,
+    check_resources,
     lr_at,
     resolve_device,
     resolve_dtype,
@@ -149,21 +151,31 @@ class _Session:
         self.accum = config.gradient_accumulation_steps // dist.world_size
         self.ds = _open_dataset(config.dataset, dist)
         self.handlers: list[logging.Handler] = []
+        self.run_folder = None
+        if self.main and config.init_from == "scratch":
+            check_resources(config, self.device, self.dtype)  # before a folder is made; the context only shrinks
         # Rank 0 resolves everything and creates the folder; the other ranks get the resolved config from it.
         config, self.run_folder, self.ckpt, self.parent = _resolve_sources(config, run_dir, dist)
-        self.resuming = config.init_from == "resume"
-        if self.resuming and self.main:
-            _check_resume_data(config, self.ckpt, self.ds)
-        self.plan: ContextPlan = plan_context(config.block_size, len(self.ds.train), len(self.ds.val),
-                                              can_lower_model=config.init_from == "scratch")
-        self.config = replace(config, block_size=self.plan.model_block_size)
-        if self.main:
-            self.handlers = _attach_log(self.run_folder)
+        try:
+            self.resuming = config.init_from == "resume"
+            if self.resuming and self.main:
+                _check_resume_data(config, self.ckpt, self.ds)
+            self.plan: ContextPlan = plan_context(config.block_size, len(self.ds.train), len(self.ds.val),
+                                                  can_lower_model=config.init_from == "scratch")
+            self.config = replace(config, block_size=self.plan.model_block_size)
+            if self.main:
+                check_resources(self.config, self.device, self.dtype)
+                self.handlers = _attach_log(self.run_folder)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for h in self.handlers:
             log.removeHandler(h)
             h.close()
+        if self.run_folder is not None:
+            self.run_folder.release()
 
     # --- setup ---
     def _build(self) -> None:
@@ -498,21 +510,12 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None, *,
         if not last.exists():
             raise ConfigError(f"cannot resume {run.path}: it has no ckpt/last.pt (the run stopped before its first "
                               "checkpoint); start a new run instead (delete this folder or choose another --run-dir)")
-        saved = run.config()
-        changed = [k for k in RESUME_IDENTITY_KEYS if k in saved and saved[k] != getattr(config, k)]
-        if changed:
-            raise ConfigError(
-                f"cannot resume {run.path} with different {', '.join(changed)} "
-                f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
-                "Fine-tune from its ckpt/last.pt instead"
-            )
-        ckpt = load_checkpoint(last, mmap=not create)
-        if int(ckpt.iter_num) >= config.max_iters:
-            raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
-                              f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
-        parent = {"path": str(last), "sha256": sha256_file(last), "step": int(ckpt.iter_num)}
-        return replace(config, out_dir=str(run.path)), run, ckpt, parent
-
+        _own(run, create)
+        try:
+            return _prepare_resume(config, run, last, create)
+        except BaseException:
+            run.release()
+            raise
     ckpt = parent = None
     if config.init_from == "finetune":
         src = resolve_ckpt_path(config.init_ckpt)  # type: ignore[arg-type]
@@ -530,10 +533,70 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None, *,
             except OSError as exc:
                 raise InputError(f"cannot create the run folder {run.path} ({exc.strerror}); choose another "
                                  "--run-dir / out_dir") from None
+        elif (problem := writable_problem(run.path)) is not None:
+            raise InputError(f"cannot create the run folder {run.path}: {problem}; choose another --run-dir / out_dir")
     elif create:
-        run = RunFolder.create(config.name, root=get_settings().train_dir)
+        try:
+            run = RunFolder.create(config.name, root=get_settings().train_dir)
+        except OSError as exc:
+            raise InputError(f"cannot create a run folder under {get_settings().train_dir} ({exc.strerror}); "
+                             "choose a writable --run-dir / out_dir") from None
     else:
-        return config, RunFolder(get_settings().train_dir / f"<YYYYmmdd-HHMMSS>-{config.name}"), ckpt, parent
+        run = RunFolder(get_settings().train_dir / f"<YYYYmmdd-HHMMSS>-{config.name}")
+        if (problem := writable_problem(run.path.parent)) is not None:
+            raise InputError(f"cannot create a run folder under {run.path.parent}: {problem}; choose a writable "
+                             "--run-dir / out_dir")
+        return config, run, ckpt, parent
+    _own(run, create)
+    return replace(config, out_dir=str(run.path)), run, ckpt, parent
+
+
+def _own(run: RunFolder, create: bool) -> None:
+    """Take the run folder for this process, clean what a killed writer left, and check checkpoints can be saved.
+
+    With ``create`` false (``--check``) nothing is taken or written: a folder held by a live process is refused
+    all the same, and ``ckpt/`` is probed without being created.
+
+    Raises:
+        InputError: another live process trains in the folder (named), or ``ckpt/`` cannot be written.
+    """
+    hint = "choose a writable --run-dir / out_dir, or fix the folder's permissions"
+    if not create:
+        holder = folder_holder(run.path)
+        if holder is not None:
+            raise InputError(f"run folder {run.path} is in use by {describe_holder(holder)}; wait for that run to "
+                             "finish or stop it")
+        if run.path.exists() and (problem := writable_problem(run.ckpt_dir)) is not None:
+            raise InputError(f"checkpoints cannot be saved: {problem}; {hint}")
+        return
+    lock = run.acquire()
+    try:
+        if lock.previous and lock.previous.get("pid") != os.getpid():
+            log.info("took over %s from %s, which is no longer running", run.path, describe_holder(lock.previous))
+        for tmp in remove_stale_temporaries(run.ckpt_dir) + remove_stale_temporaries(run.path):
+            log.info("removed %s, left by a process killed while writing it", tmp)
+        check_writable(run.ckpt_dir, "the checkpoint folder", hint)
+    except BaseException:
+        run.release()
+        raise
+
+
+def _prepare_resume(config: TrainConfig, run: RunFolder, last: Path,
+                    create: bool) -> tuple[TrainConfig, RunFolder, Any, dict | None]:
+    """The resume half of `_prepare`, once the run folder is owned."""
+    saved = run.config()
+    changed = [k for k in RESUME_IDENTITY_KEYS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run.path} with different {', '.join(changed)} "
+            f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
+            "Fine-tune from its ckpt/last.pt instead"
+        )
+    ckpt = load_checkpoint(last, mmap=not create)
+    if int(ckpt.iter_num) >= config.max_iters:
+        raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
+                          f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
+    parent = {"path": str(last), "sha256": sha256_file(last), "step": int(ckpt.iter_num)}
     return replace(config, out_dir=str(run.path)), run, ckpt, parent
 
 
@@ -635,6 +698,7 @@ def check_config(config: TrainConfig, run_dir: str | Path | None = None) -> tupl
             notes.append(f"context: {plan.message}")
     notes.append(f"run folder: {run.path}" + ("" if config.init_from == "resume" else " (new)"))
     notes.append(f"device: {device} ({dtype})")
+    notes.append(check_resources(config, device, dtype))
     return config, notes
 
 

@@ -238,3 +238,19 @@ def test_cli_tokenize_into_a_closed_pipe_prints_no_traceback(tmp_path, golden_ca
     result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, check=False)
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
     assert result.returncode == 0
+
+
+@pytest.mark.parametrize("value, words", [("-5.64", "must be a positive number"), ("0.0", "must be a positive number"),
+                                          ("abc", "not a number")])
+def test_a_cell_length_that_is_not_positive_is_refused_naming_the_value(value, words):
+    text = _nacl().to(fmt="cif").replace("_cell_length_a   5.64000000", f"_cell_length_a   {value}")
+    assert f"_cell_length_a   {value}" in text
+    for symmetrized in (False, True):  # pymatgen alone would build a 5.64 cell, or fail with "Singular matrix"
+        with pytest.raises(InputError, match=rf"_cell_length_a is '?{value}'?.*{words}"):
+            canonical.canonicalize(text, symmetrized=symmetrized)
+
+
+def test_a_cell_angle_outside_0_to_180_is_refused():
+    text = _nacl().to(fmt="cif").replace("_cell_angle_beta   90.00000000", "_cell_angle_beta   190")
+    with pytest.raises(InputError, match="_cell_angle_beta is 190"):
+        canonical.canonicalize(text)

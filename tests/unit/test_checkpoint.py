@@ -291,3 +291,43 @@ def test_sha256_is_recomputed_when_the_file_changes(tmp_path):
     assert checkpoint_info(path)["sha256"] == first
     _save(path, _model(1))
     assert checkpoint_info(path)["sha256"] != first
+
+
+def _flip_weight_bytes(path: Path, n: int = 1000) -> None:
+    """Invert ``n`` bytes inside the largest tensor record of a torch zip checkpoint (the file stays loadable)."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(fh.read(4), dtype="<u2")
+    start = info.header_offset + 30 + int(name_len) + int(extra_len)
+    data = bytearray(path.read_bytes())
+    for i in range(start, start + min(n, info.file_size)):
+        data[i] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_weight_bytes_are_reported_by_inspect_and_refused_on_load(tmp_path, capsys):
+    path = _save(tmp_path / "last.pt", _model())
+    assert checkpoint_info(path)["problem"] is None and len(checkpoint_info(path)["weights_sha256"]) == 64
+    _flip_weight_bytes(path)
+    info = checkpoint_info(path)
+    assert "corrupted" in info["problem"]
+    assert _ckpt_cli(["ckpt", "inspect", str(path)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_model(path)
+
+
+def test_nan_weights_are_refused_for_sampling_and_reported(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    path = _save(tmp_path / "nan.pt", model)  # saved as is: the digest matches, the values do not
+    with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(transformer.h.0.mlp.c_fc.weight\)"):
+        load_model(path)
+    assert "NaN" in checkpoint_info(path)["problem"]
+    upstream = tmp_path / "upstream.pt"
+    _upstream_checkpoint(upstream, model)  # no recorded digest: the finiteness check still holds
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(upstream)

@@ -160,6 +160,27 @@ def test_an_interrupted_run_continues_without_redoing_finished_targets(rock_salt
     assert summarize(run)["n_targets"] == 3
 
 
+def test_a_csp_run_is_owned_by_one_live_process(rock_salts, tmp_path):
+    import subprocess
+    import sys
+
+    from engine.lab.settings import REPO_ROOT
+
+    ckpt, cifs = rock_salts
+    code = ("import sys, time; from engine.lab.jobs import hold_folder; hold_folder(sys.argv[1], 'CSP run'); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"CSP run .* is in use by process {holder.pid} on "):
+            run_csp(ckpt, cifs, tmp_path / "run", k=1, temperature=0.5, max_new_tokens=40, device="cpu", workers=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "run" / "targets").exists(), "nothing was written by the refused run"
+
+
 def test_cli_runs_under_the_runs_root_and_reports_bad_input_in_one_line(rock_salts, lab_runs, tmp_path,
                                                                         monkeypatch, capsys):
     ckpt, cifs = rock_salts

@@ -205,10 +205,28 @@ def test_wrong_inputs_raise_input_errors_naming_them(mp20_rows, tmp_path):
     (tmp_path / "blob.cif").write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(InputError, match="blob.cif is a binary file"):
         build_dataset([tmp_path / "blob.cif"], tmp_path / "o")
-    (tmp_path / "one.cif").write_text(mp20_rows.cif[0])
-    with pytest.raises(InputError, match="val_fraction=0"):
-        build_dataset([tmp_path / "one.cif"], tmp_path / "o", workers=1)
     assert not (tmp_path / "o").exists()
+
+
+def test_too_few_cifs_for_a_split_names_the_source_the_rejects_and_the_setting(mp20_rows, tmp_path):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "one.cif").write_text(mp20_rows.cif[0])
+    (folder / "broken.cif").write_text("data_broken\n_cell_length_a -3.0\n")
+    with pytest.raises(InputError) as err:
+        build_dataset([folder], tmp_path / "o", workers=1)
+    message = str(err.value)
+    assert f"only 1 CIF remains from {folder} (1 input(s) rejected (broken.cif: _cell_length_a is -3.0" in message
+    assert "--val-fraction" in message and "the Data page's Validation share" in message and "\n" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_reading(mp20_rows, tmp_path):
+    (tmp_path / "one.cif").write_text(mp20_rows.cif[0])
+    # /sys refuses new files even to root, as a read-only folder does
+    with pytest.raises(InputError, match="dataset folder /sys/crystallab-test/o cannot be created: .*cannot be "
+                                         "written"):
+        build_dataset([tmp_path / "one.cif"], "/sys/crystallab-test/o", workers=1)
 
 
 def test_an_unreadable_source_among_several_is_a_reject_and_the_build_goes_on(mp20_rows, tmp_path):

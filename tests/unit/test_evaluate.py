@@ -212,3 +212,33 @@ def test_cli_prints_every_set_metric_and_the_canonicalize_hint(tmp_path, golden_
     add_cli(parser.add_subparsers())
     help_text = parser._subparsers._group_actions[0].choices["evaluate"].format_help()
     assert "crystallab cif canonicalize" in " ".join(help_text.split())
+
+
+def test_a_disordered_cif_gets_the_reason_disordered_without_a_traceback(tmp_path, capfd):
+    s = Structure(Lattice.cubic(5.64), [{"Na": 0.5, "K": 0.5}, "Cl"], [[0, 0, 0], [0.5] * 3])
+    path = tmp_path / "disordered.cif"
+    s.to(filename=str(path))
+    assert _cli(["evaluate", str(path), "--processed", "--out", str(tmp_path / "e.csv"), "--workers", "1"]) == 0
+    row = pd.read_csv(tmp_path / "e.csv").iloc[0]
+    assert row["failure_reason"] == "disordered" and "site 0" in row["failure_detail"] and not row["is_valid"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_check_that_raises_is_reported_per_file_and_fails_the_command(tmp_path, capfd, monkeypatch):
+    import engine.evaluate.checks
+
+    real = engine.evaluate.checks.bond_length_score
+
+    def broken(structure):
+        if structure.composition.reduced_formula == "NaCl":
+            return real(structure)  # the workers' warm-up CIF (NaCl) still passes, so the workers start
+        raise AttributeError("a check broke")
+
+    monkeypatch.setattr(engine.evaluate.checks, "bond_length_score", broken)  # the forked worker inherits the patch
+    src = tmp_path / "kcl.cif"
+    Structure.from_spacegroup("Fm-3m", Lattice.cubic(6.3), ["K", "Cl"], [[0, 0, 0], [0.5] * 3]).to(filename=str(src))
+    assert _cli(["evaluate", str(src), "--processed", "--out", str(tmp_path / "e.csv"), "--workers", "1"]) == 1
+    row = pd.read_csv(tmp_path / "e.csv").iloc[0]
+    assert row["failure_reason"] == "check_error" and "a check broke" in row["failure_detail"]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "1 file(s) could not be checked" in err

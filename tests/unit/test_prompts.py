@@ -8,6 +8,7 @@ from engine.crystal.prompts import (
     DEFAULT_ZS,
     Prompt,
     build_prompts,
+    cell_prompt,
     normalize_spacegroup,
     parse_formula_spec,
     spacegroup_choices,
@@ -142,3 +143,23 @@ def test_spacegroup_choices_are_the_227_tokens_by_number():
     assert len(choices) == 227 and {s for _, s in choices} == set(SPACE_GROUPS)
     assert choices[0] == (1, "P1") and (225, "Fm-3m") in choices and choices[-1] == (230, "Ia-3d")
     assert all(normalize_spacegroup(n) == s for n, s in choices)
+
+
+def test_a_cell_no_cif_within_the_largest_context_can_hold_is_refused_naming_the_limit():
+    from engine.crystal.prompts import MAX_CIF_TOKENS
+
+    for formula in ("Na1000000Cl1000000", "Fe100000"):
+        with pytest.raises(PromptError, match=rf"needs at least [\d,]+ tokens, more than the {MAX_CIF_TOKENS:,}-token "
+                                              r"context \(block_size\).*at most about [\d,]+ atoms"):
+            build_prompts(formula)
+    with pytest.raises(PromptError, match="cannot be expressed"):
+        cell_prompt("Na1000000Cl1000000")
+    assert build_prompts("Na192Cl192")[0].formula == "Na192Cl192"  # large, but a CIF of it fits
+
+
+def test_the_shortest_cif_bound_never_exceeds_a_real_canonical_cif(golden_canonical):
+    from engine.crystal.prompts import min_cif_tokens, parse_formula_spec
+
+    for rec in golden_canonical:
+        cell = rec["decoded"].split("\n", 1)[0].removeprefix("data_")
+        assert min_cif_tokens(parse_formula_spec(cell)) <= len(rec["ids"]), rec["id"]

@@ -240,22 +240,99 @@ def test_sample_to_dir_evaluates_the_finished_set(memorized, tmp_path):
     assert summary["validity"]["value"] == float(record["validity"]["is_valid"])
 
 
-def test_sample_to_dir_refuses_a_non_empty_folder_and_leaves_nothing_when_interrupted(memorized, tmp_path,
-                                                                                      monkeypatch):
+def test_sample_to_dir_refuses_a_folder_that_holds_something_else(memorized, tmp_path):
     ckpt, _ = memorized
     (prompt,) = build_prompts("C2")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(InputError, match="holds no sample set"):
         sample_to_dir(ckpt, prompt, tmp_path / "busy", n=1, max_new_tokens=5, device="cpu", evaluate=False)
+    # /sys refuses new files even to root, as a read-only folder does: refused before the model is loaded
+    with pytest.raises(InputError, match="cannot be written"):
+        sample_to_dir(ckpt, prompt, "/sys/crystallab-test/set", n=1, max_new_tokens=5, device="cpu", evaluate=False)
 
-    def interrupted(text, finished=None):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(sampler, "postprocess", interrupted)
+def _kill_at_sample(monkeypatch, k: int) -> None:
+    """Make the k-th post-processed sample of this process raise KeyboardInterrupt, as a kill would stop it."""
+    calls = {"n": 0}
+    real = sampler.postprocess
+
+    def killed(text, finished=None):
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise KeyboardInterrupt
+        return real(text, finished)
+
+    monkeypatch.setattr(sampler, "postprocess", killed)
+
+
+def test_a_killed_sample_run_keeps_finished_batches_and_the_same_command_finishes_it(memorized, tmp_path,
+                                                                                     monkeypatch):
+    ckpt, _ = memorized
+    (prompt,) = build_prompts("C2")
+    args = dict(n=5, temperature=1.0, top_k=0, max_new_tokens=12, seed=9, batch_size=2, device="cpu", evaluate=False)
+    whole = sample_to_dir(ckpt, prompt, tmp_path / "whole", **args)
+    _kill_at_sample(monkeypatch, 4)  # during the second batch: the first (samples 0, 1) is complete on disk
     with pytest.raises(KeyboardInterrupt):
-        sample_to_dir(ckpt, prompt, tmp_path / "set", n=2, max_new_tokens=5, device="cpu", evaluate=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+        sample_to_dir(ckpt, prompt, tmp_path / "set", **args)
+    partial = tmp_path / ".set.partial"
+    assert sorted(p.name for p in (partial / "raw").iterdir())[:2] == ["0000.txt", "0001.txt"]
+    assert [json.loads(line)["index"] for line in (partial / "progress.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (tmp_path / "set").exists()
+    torn = partial / "raw" / ".0002.txt.999.tmp"  # a kill during a sample's write
+    torn.write_text("half")
+    with pytest.raises(InputError, match=r"unfinished sample set made with different settings \(sampling.seed\)"):
+        sample_to_dir(ckpt, prompt, tmp_path / "set", **{**args, "seed": 10})
+    monkeypatch.undo()
+    made = []
+    monkeypatch.setattr(sampler, "generate", lambda *a, **kw: made.append(kw["first_index"]) or generate(*a, **kw))
+    out = sample_to_dir(ckpt, prompt, tmp_path / "set", **args)
+    assert made == [2, 4], "only the missing batches are drawn"
+    assert not partial.exists() and not (out / "raw" / torn.name).exists()
+    for name in ("0000", "0001", "0002", "0003", "0004"):  # the same samples as the uninterrupted run
+        assert (out / "raw" / f"{name}.txt").read_text() == (whole / "raw" / f"{name}.txt").read_text(), name
+    assert (out / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["sampling"]["n"] == 5 and config["tokens_per_s"] > 0
+    made.clear()
+    assert sample_to_dir(ckpt, prompt, tmp_path / "set", **args) == out and made == [], "a complete set is kept"
+    with pytest.raises(InputError, match=r"holds a sample set made with different settings \(sampling.n\)"):
+        sample_to_dir(ckpt, prompt, tmp_path / "set", **{**args, "n": 6})
+
+
+def test_an_unevaluated_set_is_evaluated_by_the_same_command(memorized, tmp_path, monkeypatch):
+    import engine.evaluate.evaluation
+
+    ckpt, _ = memorized
+    (prompt,) = build_prompts("C2")
+    args = dict(n=1, max_new_tokens=5, device="cpu")
+    out = sample_to_dir(ckpt, prompt, tmp_path / "set", evaluate=False, **args)  # as if killed while evaluating
+    evaluated = []
+    monkeypatch.setattr(engine.evaluate.evaluation, "evaluate_sample_set", lambda folder: evaluated.append(folder))
+    assert sample_to_dir(ckpt, prompt, tmp_path / "set", **args) == out
+    assert evaluated == [out]
+
+
+def test_a_sample_set_being_written_is_owned_by_one_process(memorized, tmp_path):
+    import subprocess
+    import sys
+
+    from engine.lab.settings import REPO_ROOT
+
+    ckpt, _ = memorized
+    (prompt,) = build_prompts("C2")
+    code = ("import sys, time; from engine.lab.jobs import hold_folder; hold_folder(sys.argv[1], 'sample set'); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".set.partial")], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"is in use by process {holder.pid} on "):
+            sample_to_dir(ckpt, prompt, tmp_path / "set", n=1, max_new_tokens=5, device="cpu", evaluate=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sample_to_dir(ckpt, prompt, tmp_path / "set", n=1, max_new_tokens=5, device="cpu", evaluate=False)
 
 
 def test_cli_samples_one_set_per_z_and_prints_a_summary(memorized, tmp_path, capsys):

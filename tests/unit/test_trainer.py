@@ -377,7 +377,7 @@ def test_a_stop_before_the_first_step_ends_as_stopped(nacl10, tmp_path, phase, s
     script, cfg, run = tmp_path / "child.py", tmp_path / "c.yaml", tmp_path / "run"
     script.write_text(EARLY_CHILD)
     cfg.write_text(f"dataset: {nacl10}\nn_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\nbatch_size: 2\n"
-                   f"eval_iters: {10**7 if phase == 'eval' else 1}\nwarmup_iters: 0\nmax_iters: 5\ndevice: cpu\n")
+                   f"eval_iters: {10**4 if phase == 'eval' else 1}\nwarmup_iters: 0\nmax_iters: 5\ndevice: cpu\n")
     proc = subprocess.Popen([sys.executable, str(script), str(cfg), str(run), phase], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -469,3 +469,91 @@ def test_cli_resumes_by_the_readme_path_a_bare_name_or_an_absolute_path(nacl10, 
     assert main(["train", "--resume", f"{runs.name}/train/part", "--no-progress"]) == 0
     assert "completed" in capsys.readouterr().out
     assert load_checkpoint(part / "ckpt" / "last.pt").iter_num == 4
+
+
+def _hold_in_child(folder: Path) -> subprocess.Popen:
+    """Another live process owning ``folder`` (as a second trainer would), until it is killed."""
+    code = ("import sys, time; from engine.lab.jobs import hold_folder; hold_folder(sys.argv[1], 'run folder'); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_folder_is_owned_by_one_live_process_and_stale_temporaries_are_cleaned(nacl10, tmp_path, capsys):
+    from engine.cli import main
+
+    run = train(_cfg(nacl10, "block_size=32", "max_iters=2", "eval_interval=2"), run_dir=tmp_path / "r",
+                progress=False)
+    capsys.readouterr()
+    holder = _hold_in_child(run)
+    try:
+        for extra in ([], ["--check"]):
+            assert main(["train", "--resume", str(run), "--set", "max_iters=4", "--no-progress", *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by process {holder.pid} on " in err and err.count("\n") == 1, err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert load_checkpoint(run / "ckpt" / "last.pt").iter_num == 2, "the refused resume trained nothing"
+    torn = run / "ckpt" / ".last.pt.12345.tmp"  # what a kill during a checkpoint write leaves
+    torn.write_bytes(b"half a checkpoint")
+    assert main(["train", "--resume", str(run), "--set", "max_iters=4", "--no-progress"]) == 0  # the lock is stale
+    assert load_checkpoint(run / "ckpt" / "last.pt").iter_num == 4
+    assert not torn.exists()
+
+
+def test_check_and_train_refuse_what_the_machine_cannot_hold_or_finish(nacl10, tmp_path, capsys):
+    from engine.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {nacl10}\ndevice: cpu\nwarmup_iters: 0\nmax_iters: 10\n")
+    cases = [
+        (["n_layer=64", "n_embd=65536", "n_head=1024", "block_size=32"], r"this run needs about [\d,.]+ GB"),
+        (["batch_size=1000000000"], "batch_size=1,000,000,000 exceeds 16,384"),
+        (["gradient_accumulation_steps=1000000000"], "gradient_accumulation_steps=1,000,000,000 exceeds"),
+        (["eval_iters=1000000000"], "eval_iters=1,000,000,000 exceeds"),
+        (["batch_size=16384", "gradient_accumulation_steps=4096", "block_size=32"], "tokens per optimizer step"),
+        (["batch_size=16384", "eval_iters=10000", "block_size=32"], "tokens per evaluation"),
+    ]
+    import re
+
+    for overrides, words in cases:
+        for extra in (["--check"], ["--no-progress", "--run-dir", str(tmp_path / "r")]):
+            argv = ["train", str(cfg), *extra, *(x for o in overrides for x in ("--set", o))]
+            assert main(argv) == 2, overrides
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and re.search(words, err), err
+    assert not (tmp_path / "r" / "ckpt").exists()
+    assert main(["train", str(cfg), "--check", "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32"]) == 0
+    assert re.search(r"# memory: about [\d.]+ GB: .* M parameters .* GB free on cpu", capsys.readouterr().out)
+
+
+def test_unwritable_run_folders_are_refused_before_any_step(nacl10, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from engine.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {nacl10}\nn_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\nmax_iters: 2\n"
+                   "warmup_iters: 0\neval_interval: 2\nbatch_size: 2\neval_iters: 1\ndevice: cpu\n")
+    # /sys refuses new files even to root, as a read-only mount does: --check must not call it "(new)".
+    assert main(["train", str(cfg), "--check", "--run-dir", "/sys/crystallab-test-run"]) == 2
+    assert "cannot create the run folder /sys/crystallab-test-run" in capsys.readouterr().err
+    run = tmp_path / "r"
+    assert main(["train", str(cfg), "--run-dir", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    real = tempfile.mkstemp
+
+    def read_only_ckpt(*args, dir=None, **kwargs):  # what the OS answers in a read-only ckpt/ (root included)
+        if dir is not None and Path(dir) == run / "ckpt":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_ckpt)
+    steps_before = len(RunFolder(run).metrics(raw=True))
+    for extra in (["--check"], ["--no-progress"]):
+        assert main(["train", "--resume", str(run), "--set", "max_iters=4", *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'ckpt'}" in err and "Permission denied" in err and err.count("\n") == 1, err
+    assert len(RunFolder(run).metrics(raw=True)) == steps_before, "nothing was trained before the refusal"
