@@ -144,8 +144,11 @@ def set_row(set_dir: str | os.PathLike, checkpoint: str | None = None, cell: str
         "formula": prompt.get("formula"),
         "z": prompt.get("z"),
         "spacegroup": prompt.get("spacegroup"),
+        "family": ckpt.get("family") or "crystallm-gpt",
         **{k: sampling.get(k) for k in ("temperature", "top_k", "top_p", "seed", "max_new_tokens", "constrain")},
         "n": n,
+        # Knobs of other model families (e.g. a diffusion model's steps), as one readable column.
+        "other_knobs": "; ".join(f"{k}={v}" for k, v in sorted(sampling.items()) if k not in _GPT_SAMPLING) or None,
     }
     for count_col, rate_col, metric in COUNTS.values():
         rate = _metric(summary, metric)
@@ -158,6 +161,11 @@ def set_row(set_dir: str | os.PathLike, checkpoint: str | None = None, cell: str
                **checkpoint_provenance(path, ckpt.get("sha256")), device=config.get("device"),
                crystallab_version=config.get("version"), sampled_at=config.get("created_at"), set_dir=str(set_dir))
     return row
+
+
+_GPT_SAMPLING = frozenset(("n", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "constrain", "batch_size",
+                           "allowed_elements", "constrain_spacegroup", "use_cache"))
+"""Sampling keys of the GPT family's sample sets that have their own columns (or are derived from them)."""
 
 
 def checkpoint_provenance(path: str | None, sha256: str | None) -> dict[str, Any]:

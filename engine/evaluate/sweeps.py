@@ -95,6 +95,10 @@ class SweepConfig:
     """Rows decoded together (None: the sampler's default, capped at n)."""
     constrain: bool = True
     """Restrict element tokens to the prompt's elements and the H-M token to space-group symbols."""
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """Further sampling knobs by name (``engine.models.family``), given to each checkpoint whose model family has
+    them (e.g. ``steps: 64`` for a masked-diffusion model). The temperature / top-k / top-p axes, max_new_tokens
+    and constrain likewise apply to the families that have those knobs."""
     device: str = "auto"
     """``auto`` (CUDA when visible), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     eval_workers: int | None = None
@@ -246,6 +250,10 @@ def config_from_dict(raw: Any, source: str = "sweep config") -> SweepConfig:
             if not isinstance(raw[key], bool):
                 raise _fail(source, f"{key} must be true or false, got {raw[key]!r}")
             v[key] = raw[key]
+    if raw.get("knobs") is not None:
+        if not isinstance(raw["knobs"], dict) or not all(isinstance(k, str) for k in raw["knobs"]):
+            raise _fail(source, f"knobs must map knob names to values, e.g. knobs: {{steps: 64}}; got {raw['knobs']!r}")
+        v["knobs"] = dict(raw["knobs"])
     if raw.get("train_dataset") not in (None, ""):
         v["train_dataset"] = str(raw["train_dataset"])
     ckpts = raw.get("checkpoints")
@@ -398,7 +406,20 @@ def resolve_out_dir(out: str | os.PathLike | None, name: str) -> Path:
     return p
 
 
-def _stale_reason(cell: Cell, config: SweepConfig, recorded: dict, sha256: str) -> str | None:
+def cell_knobs(family: Any, cell: Cell, config: SweepConfig) -> dict[str, Any]:
+    """The sampling knobs one cell asks of a checkpoint's model family (its defaults where the sweep is silent).
+
+    Raises:
+        ConfigError: a value outside the family's range (the message names the knob).
+    """
+    from engine.models.family import resolve_knobs, shared_knobs
+
+    flags = {"temperature": cell.temperature, "top_k": cell.top_k, "top_p": cell.top_p,
+             "max_new_tokens": config.max_new_tokens, "constrain": config.constrain, **config.knobs}
+    return resolve_knobs(family, shared_knobs(family, flags), f"sweep cell {cell.name}")
+
+
+def _stale_reason(cell: Cell, config: SweepConfig, recorded: dict, sha256: str, family: Any) -> str | None:
     """Why a sampled cell cannot be reused, or None when it was sampled as this sweep asks now."""
     old_sha = (recorded.get("checkpoint") or {}).get("sha256")
     if old_sha != sha256:
@@ -406,8 +427,7 @@ def _stale_reason(cell: Cell, config: SweepConfig, recorded: dict, sha256: str) 
                 f"{sha256[:12]})")
     if (recorded.get("prompt") or {}).get("text") != cell.prompt.text:
         return "its prompt text differs from this sweep's"
-    want = {"n": cell.n, "temperature": cell.temperature, "top_k": cell.top_k, "top_p": cell.top_p,
-            "seed": cell.seed, "max_new_tokens": config.max_new_tokens, "constrain": config.constrain}
+    want = {"n": cell.n, "seed": cell.seed, **cell_knobs(family, cell, config)}
     had = recorded.get("sampling") or {}
     changed = [f"{k} {had.get(k)!r} -> {v!r}" for k, v in want.items() if had.get(k) != v]
     return f"its sampling settings changed ({', '.join(changed)})" if changed else None
@@ -529,7 +549,8 @@ def _classify(sweep: _Sweep, infos: dict[str, dict]) -> dict[str, str]:
                 shutil.rmtree(cell_dir)  # not a sample set (the sampler renames a set into place complete)
             state[cell.name] = "todo"
             continue
-        reason = _stale_reason(cell, sweep.config, recorded, infos[cell.checkpoint]["sha256"])
+        info = infos[cell.checkpoint]
+        reason = _stale_reason(cell, sweep.config, recorded, info["sha256"], info["family_class"])
         if reason is not None:
             shutil.rmtree(cell_dir)
             sweep.redone[cell.name] = reason
@@ -545,7 +566,14 @@ def _classify(sweep: _Sweep, infos: dict[str, dict]) -> dict[str, str]:
 
 
 def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
-    from engine.models.checkpoint import checkpoint_info
+    """Per label: path, sha256, model family (and its class) of each checkpoint, checked before any sampling.
+
+    Raises:
+        CheckpointError: a missing or unusable checkpoint.
+        ConfigError: a ``knobs`` key no checkpoint's family has, or a value outside a family's range.
+    """
+    from engine.models.checkpoint import checkpoint_info, checkpoint_sha256
+    from engine.models.family import DEFAULT_FAMILY, get_family, peek_family
 
     infos = {}
     for label, path in config.checkpoints.items():
@@ -556,13 +584,27 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
                 f"{get_settings().runs_dir}): train or copy the checkpoint there, or point "
                 f"checkpoints.{label} at it (e.g. --set checkpoints.{label}=/path/to/ckpt.pt)"
             )
-        infos[label] = checkpoint_info(p)
-        if infos[label]["problem"]:
-            raise CheckpointError(f"checkpoint {label!r} ({p}) cannot be used: {infos[label]['problem']}")
+        family = peek_family(p)
+        if family == DEFAULT_FAMILY:
+            infos[label] = checkpoint_info(p)
+            if infos[label]["problem"]:
+                raise CheckpointError(f"checkpoint {label!r} ({p}) cannot be used: {infos[label]['problem']}")
+        else:
+            infos[label] = {"path": str(p.resolve()), "sha256": checkpoint_sha256(p)}
+        infos[label]["family"] = family
+        infos[label]["family_class"] = get_family(family)
+    known = {k.name for info in infos.values() for k in info["family_class"].knobs}
+    unknown = sorted(set(config.knobs) - known)
+    if unknown:
+        families = ", ".join(sorted({info["family"] for info in infos.values()}))
+        raise ConfigError(f"sweep config: knobs {', '.join(unknown)} belong to none of this sweep's model families "
+                          f"({families}); their knobs are {', '.join(sorted(known))}")
+    for cell in plan_cells(config):  # every cell's values within its family's ranges, before anything runs
+        cell_knobs(infos[cell.checkpoint]["family_class"], cell, config)
     return infos
 
 
-def _sample_cell(model: Any, info: dict, cell: Cell, sweep: _Sweep, device: Any) -> None:
+def _sample_cell(model: Any, cell: Cell, sweep: _Sweep) -> None:
     """Write one cell's sample set (evaluation follows in the background)."""
     from engine.sample.sampler import write_sample_set
 
@@ -571,11 +613,8 @@ def _sample_cell(model: Any, info: dict, cell: Cell, sweep: _Sweep, device: Any)
             raise _StopRequested
 
     c = sweep.config
-    write_sample_set(
-        model, info, cell.prompt, sweep.cells_dir / cell.name, n=cell.n, temperature=cell.temperature,
-        top_k=cell.top_k, top_p=cell.top_p, max_new_tokens=c.max_new_tokens, seed=cell.seed,
-        batch_size=c.batch_size, device=device, constrain=c.constrain, evaluate=False, progress=check_stop,
-    )
+    write_sample_set(model, cell.prompt, sweep.cells_dir / cell.name, n=cell.n, knobs=cell_knobs(type(model), cell, c),
+                     seed=cell.seed, batch_size=c.batch_size, evaluate=False, progress=check_stop)
 
 
 def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
@@ -598,7 +637,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
     """
     import torch
 
-    from engine.models.checkpoint import checkpoint_sha256, load_model
+    from engine.models.checkpoint import checkpoint_sha256
+    from engine.models.family import load_family_model
     from engine.sample.sampler import resolve_device
 
     out = resolve_out_dir(out_dir, config.name).resolve()
@@ -633,7 +673,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
             todo = [c for c in sweep.cells if c.checkpoint == label and state[c.name] == "todo"]
             if not todo:
                 continue
-            model, _ = load_model(info["path"], device)
+            model = load_family_model(info["path"], device)
             if checkpoint_sha256(info["path"]) != info["sha256"]:
                 raise CheckpointError(f"checkpoint {label!r} ({info['path']}) changed while the sweep read it "
                                       "(is a training run still writing it?); run the sweep again")
@@ -641,7 +681,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
                 if sweep.stop_requested():
                     raise _StopRequested
                 sweep.status("sample", cell, current_cell=cell.name, message=f"sampling {cell.name}")
-                _sample_cell(model, info, cell, sweep, device)
+                _sample_cell(model, cell, sweep)
                 sweep.status("sampled", cell, message=f"sampled {cell.name}")
                 sweep.submit_eval(cell)
                 sweep.collect(wait=not config.overlap)

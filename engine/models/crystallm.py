@@ -70,16 +70,26 @@ class CrystaLLMGPT(FamilyModel):
         seed: int = 1337,
         batch_size: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        first_index: int = 0,
     ) -> list[Generation]:
         from engine.sample.sampler import generate
 
-        k = {**self.default_knobs(), **knobs}
-        allowed = (prompt.elements or None) if k["constrain"] else None
+        k = self.sampling_record(prompt, knobs)
         return generate(
             self.network, encode(prompt.text), n=n, temperature=k["temperature"], top_k=k["top_k"],
             top_p=k["top_p"], max_new_tokens=k["max_new_tokens"], seed=seed, batch_size=batch_size,
-            allowed_elements=allowed, constrain_spacegroup=k["constrain"], device=self._device, progress=progress,
+            allowed_elements=k["allowed_elements"], constrain_spacegroup=k["constrain_spacegroup"],
+            device=self._device, progress=progress, first_index=first_index,
         )
+
+    def sampling_record(self, prompt: Any, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """The knobs, and what the decoder applies: allowed elements (the prompt's, when constrained), the
+        space-group constraint and the KV cache."""
+        k = {**self.default_knobs(), **knobs}
+        k["allowed_elements"] = (prompt.elements or None) if k["constrain"] else None
+        k["constrain_spacegroup"] = bool(k["constrain"])
+        k["use_cache"] = True
+        return k
 
     @torch.inference_mode()
     def sequence_log_likelihood(self, texts: Sequence[str]) -> list[SequenceScore]:

@@ -163,8 +163,19 @@ class FamilyModel(ABC):
         seed: int = 1337,
         batch_size: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        first_index: int = 0,
     ) -> list[Generation]:
-        """``n`` samples for a `engine.crystal.prompts.Prompt`, with knobs already resolved by `resolve_knobs`."""
+        """``n`` samples for a `engine.crystal.prompts.Prompt`, with knobs already resolved by `resolve_knobs`.
+
+        Sample ``i`` of the call is sample ``first_index + i`` of the run seeded ``seed``: its randomness depends
+        on that index alone, so a run drawn in several calls (a resumed sample set) equals one drawn at once.
+        ``progress(done, n)`` is called as samples complete.
+        """
+
+    def sampling_record(self, prompt: Any, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """What a sample set records of its sampling settings: the knobs, plus anything the family derives from
+        them and the prompt (the GPT family adds the element constraint it applied)."""
+        return dict(knobs)
 
     @abstractmethod
     def sequence_log_likelihood(self, texts: Sequence[str]) -> list[SequenceScore]:

@@ -53,7 +53,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -63,7 +62,7 @@ from torch.nn import functional as F
 from engine import __version__
 from engine.crystal.postprocess import postprocess
 from engine.crystal.prompts import Prompt, build_prompts
-from engine.crystal.tokenizer import decode, encode
+from engine.crystal.tokenizer import decode
 from engine.crystal.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SPACE_ID, STOI, TOKENS, VOCAB_SIZE
 from engine.lab.errors import ConfigError, InputError, PromptError
 from engine.lab.fsutil import (
@@ -77,7 +76,17 @@ from engine.lab.fsutil import (
 )
 from engine.lab.jobs import OWNER_FILE, hold_folder
 from engine.lab.settings import get_settings
-from engine.models.checkpoint import checkpoint_info, cli_checkpoint_path, load_model
+from engine.models.checkpoint import cli_checkpoint_path
+from engine.models.family import (
+    FamilyModel,
+    Generation,
+    add_knob_arguments,
+    knobs_from_args,
+    load_family_model,
+    provenance,
+    resolve_knobs,
+    shared_knobs,
+)
 from engine.models.gpt import GPT, KVCache
 
 DEFAULT_BATCH_SIZE = 64
@@ -85,25 +94,6 @@ DEFAULT_BATCH_SIZE = 64
 
 _HM_ID = STOI["_symmetry_space_group_name_H-M"]
 _ELEMENT_LINE_TAGS = (DATA_ID, STOI["_chemical_formula_sum"], STOI["_chemical_formula_structural"])
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generated sample.
-
-    Attributes:
-        ids: Prompt ids followed by the generated ids.
-        text: ``decode(ids)``: the full CIF text, prompt included.
-        n_new_tokens: Number of generated tokens.
-        finished: Whether generation stopped at the CIF end (two consecutive newlines).
-        truncated_reason: Why an unfinished sample stopped (``"max_new_tokens"``); None when finished.
-    """
-
-    ids: list[int]
-    text: str
-    n_new_tokens: int
-    finished: bool
-    truncated_reason: str | None
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -439,10 +429,11 @@ def sample_to_dir(
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     constrain: bool = True,
+    knobs: dict | None = None,
     evaluate: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Load a checkpoint, sample ``n`` CIFs for ``prompt`` and write a sample set (ARCHITECTURE.md) to ``out_dir``.
+    """Load a model of any family, sample ``n`` CIFs for ``prompt`` and write a sample set (ARCHITECTURE.md).
 
     Resumable (see `write_sample_set`): the same call after a kill continues where it stopped, and finishes the
     evaluation of a set that was killed while being evaluated.
@@ -453,6 +444,8 @@ def sample_to_dir(
         out_dir: Folder to create; it must not exist, be empty, or hold this very request (continued).
         constrain: Restrict element tokens to the prompt's elements (when it has a composition) and the token
             after the H-M tag to space-group symbols (see the module docstring).
+        knobs: Further sampling knobs of the checkpoint's family by name; the GPT-style arguments above are used
+            for the families that have them.
         evaluate: Run ``engine.evaluate.evaluation.evaluate_sample_set`` on the finished set.
         Others: as `generate`; ``device="auto"`` picks CUDA when available.
 
@@ -461,17 +454,17 @@ def sample_to_dir(
 
     Raises:
         InputError: ``out_dir`` holds something other than this request's sample set, or cannot be written.
-        CheckpointError, ConfigError, PromptError: as `load_model` and `generate`.
+        CheckpointError, ConfigError, PromptError: as `load_family_model` and `generate`.
     """
     dev = resolve_device(device)
-    _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
+    _check_params(n, 0.0, 0, 1.0, 1, batch_size)
     out = _check_target(out_dir)
-    model, _ = load_model(ckpt, dev)
-    return write_sample_set(
-        model, checkpoint_info(ckpt), prompt, out, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=dev, constrain=constrain,
-        evaluate=evaluate, progress=progress,
-    )
+    model = load_family_model(ckpt, dev)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                 constrain=constrain)
+    resolved = resolve_knobs(type(model), {**shared_knobs(type(model), flags), **(knobs or {})})
+    return write_sample_set(model, prompt, out, n=n, knobs=resolved, seed=seed, batch_size=batch_size,
+                            evaluate=evaluate, progress=progress)
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -531,20 +524,14 @@ def _device_label(dev: torch.device) -> str:
 
 
 def write_sample_set(
-    model: GPT,
-    ckpt_info: dict,
+    model: FamilyModel,
     prompt: Prompt,
     out: Path,
     *,
     n: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    max_new_tokens: int,
+    knobs: dict,
     seed: int,
     batch_size: int | None,
-    device: torch.device,
-    constrain: bool,
     evaluate: bool,
     progress: Callable[[int, int], None] | None,
 ) -> Path:
@@ -556,23 +543,19 @@ def write_sample_set(
     ``n`` are there. Calling again with the same request (prompt, sampling settings, checkpoint) after a kill
     skips the finished batches and redraws the rest exactly as the uninterrupted run would have; a complete set
     is left as it is, and its evaluation is finished when it is missing. One live process owns the set while it
-    is written (`engine.lab.jobs.hold_folder`).
+    is written (`engine.lab.jobs.hold_folder`). Any model family works (`engine.models.family`): ``knobs`` are
+    its sampling knobs, already resolved by `engine.models.family.resolve_knobs`.
 
     Raises:
         InputError: ``out`` (or its partial folder) holds a set made with other settings (they are named), or
             another live process is writing it.
     """
-    _check_params(n, temperature, top_k, top_p, max_new_tokens, batch_size)
-    allowed = (prompt.elements or None) if constrain else None
+    _check_params(n, 0.0, 0, 1.0, 1, batch_size)
     batch_size = min(n, batch_size or DEFAULT_BATCH_SIZE)
     request = {
         "prompt": prompt.to_dict(),
-        "sampling": {
-            "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
-            "seed": seed, "batch_size": batch_size, "constrain": constrain, "allowed_elements": allowed,
-            "constrain_spacegroup": constrain, "use_cache": True,
-        },
-        "checkpoint": {k: ckpt_info.get(k) for k in ("path", "step", "sha256", "run")},
+        "sampling": {"n": n, **model.sampling_record(prompt, knobs), "seed": seed, "batch_size": batch_size},
+        "checkpoint": provenance(model),
     }
     request = json.loads(json.dumps(request))  # as read back from disk (tuples become lists)
     busy = "wait for it to finish, or stop it and re-run the same command to continue"
@@ -589,7 +572,7 @@ def write_sample_set(
         return out
     partial = _partial_dir(out)
     with hold_folder(partial, "sample set", busy):
-        config = _sample_batches(model, prompt, partial, request, device, progress)
+        config = _sample_batches(model, prompt, partial, request, knobs, progress)
         atomic_write_json(partial / "config.json", config)
         (partial / "progress.jsonl").unlink()
         (partial / "request.json").unlink()
@@ -604,11 +587,12 @@ def write_sample_set(
     return out
 
 
-def _sample_batches(model: GPT, prompt: Prompt, partial: Path, request: dict, device: torch.device,
+def _sample_batches(model: FamilyModel, prompt: Prompt, partial: Path, request: dict, knobs: dict,
                     progress: Callable[[int, int], None] | None) -> dict:
     """Draw the batches ``partial`` lacks, keep each on disk as it completes; return the set's ``config.json``."""
     s = request["sampling"]
     n, batch_size = s["n"], s["batch_size"]
+    device = torch.device(model.device)
     previous = read_json(partial / "request.json")
     if previous is not None:
         _refuse_other_request(partial, previous, request, finished=False)
@@ -623,19 +607,14 @@ def _sample_batches(model: GPT, prompt: Prompt, partial: Path, request: dict, de
         remove_stale_temporaries(folder)  # files a killed writer left half-written; this process owns the set
     records = {r["index"]: r for r in read_jsonl(partial / "progress.jsonl")}
     width = max(4, len(str(n - 1)))
-    ids = encode(prompt.text)
     for start in range(0, n, batch_size):
         rows = range(start, min(n, start + batch_size))
         if all(i in records for i in rows):
             continue
         t0 = time.perf_counter()
         report = None if progress is None else (lambda done, _total, base=len(records): progress(base + done, n))
-        gens = generate(
-            model, ids, n=len(rows), temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-            max_new_tokens=s["max_new_tokens"], seed=s["seed"], batch_size=len(rows),
-            allowed_elements=s["allowed_elements"], constrain_spacegroup=s["constrain_spacegroup"], device=device,
-            progress=report, first_index=start,
-        )
+        gens = model.generate(prompt, len(rows), knobs, seed=s["seed"], batch_size=len(rows), progress=report,
+                              first_index=start)
         elapsed = (time.perf_counter() - t0) / len(rows)
         batch = []
         for i, g in zip(rows, gens):
@@ -713,28 +692,33 @@ def _summary_line(set_dir: Path) -> str:
 def _run_cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from engine.models.crystallm import CrystaLLMGPT
+
     prompts = build_prompts(args.prompt, z=args.z, spacegroup=args.sg)
     dev = resolve_device(args.device)
-    _check_params(args.n, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.batch_size)
+    _check_params(args.n, 0.0, 0, 1.0, 1, args.batch_size)
     root = _out_root(args, prompts)
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
     targets = [(p, _check_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]
-    ckpt = cli_checkpoint_path(args.ckpt)
-    model, _ = load_model(ckpt, dev)
-    info = checkpoint_info(ckpt)
+    model = load_family_model(cli_checkpoint_path(args.ckpt), dev)
+    knobs = knobs_from_args(args, CrystaLLMGPT.knobs, type(model))
     for prompt, out in targets:
         with tqdm(total=args.n, desc=prompt.label, unit="sample", file=sys.stderr, leave=False) as bar:
 
             def progress(done: int, total: int, bar: tqdm = bar) -> None:
                 bar.update(done - bar.n)
 
-            write_sample_set(
-                model, info, prompt, out, n=args.n, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                device=dev, constrain=args.constrain, evaluate=args.evaluate, progress=progress,
-            )
+            write_sample_set(model, prompt, out, n=args.n, knobs=knobs, seed=args.seed, batch_size=args.batch_size,
+                             evaluate=args.evaluate, progress=progress)
         print(f"{prompt.label}: {_summary_line(out)}")
     return 0
+
+
+def _gpt_knobs():
+    """The CrystaLLM GPT family's knobs: the sampling commands' named flags (other families use ``--knob``)."""
+    from engine.models.crystallm import CrystaLLMGPT
+
+    return CrystaLLMGPT.knobs
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -755,16 +739,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--z", type=int, default=None, help="formula units per cell (with a formula unit)")
     p.add_argument("--sg", default=None, help="space group: symbol (Fm-3m, 'F m -3 m') or number (225)")
     p.add_argument("--n", type=int, default=10, help="samples per prompt (default 10)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=10, help="top-k filter; 0 = off (default 10)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus (top-p) filter; 1 = off (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=3000, help="token budget per sample (default 3000)")
+    add_knob_arguments(p, _gpt_knobs())
     p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     p.add_argument("--out", default=None, help="output folder; relative paths are under <runs>/samples "
                    "(default: a new timestamped folder there)")
     p.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--no-constrain", dest="constrain", action="store_false",
-                   help="do not restrict element and space-group tokens")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the evaluation step")
     p.set_defaults(func=_run_cli)

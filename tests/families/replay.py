@@ -44,12 +44,12 @@ class Replay(FamilyModel):
         return cls(list(texts), Path(path))
 
     def generate(self, prompt: Any, n: int, knobs: Mapping[str, Any], *, seed: int = 1337,
-                 batch_size: int | None = None, progress: Callable[[int, int], None] | None = None
-                 ) -> list[Generation]:
+                 batch_size: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 first_index: int = 0) -> list[Generation]:
         stride = int(knobs.get("stride", 1))
         out = []
         for i in range(n):
-            text = self.texts[(seed + i * stride) % len(self.texts)]
+            text = self.texts[(seed + (first_index + i) * stride) % len(self.texts)]
             out.append(Generation([], text, len(text.split()), True, None))
             if progress is not None:
                 progress(i + 1, n)

@@ -200,7 +200,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(ckpt, monkeypa
 
     sampled = []
     real = sweeps._sample_cell
-    monkeypatch.setattr(sweeps, "_sample_cell", lambda *a, **k: (sampled.append(a[2].name), real(*a, **k)))
+    monkeypatch.setattr(sweeps, "_sample_cell", lambda *a, **k: (sampled.append(a[1].name), real(*a, **k)))
     rec = Recorder()
     run_sweep(cfg, progress=rec)
     assert sampled == names[1:]
