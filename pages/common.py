@@ -261,30 +261,38 @@ def job_panel(job_dir: Path, *, key: str, stoppable: bool = True, log_lines: int
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _view_html(structure_json: str, style: str, supercell: tuple, show_cell: bool, labels: bool,
-               height: int) -> str:
+               polyhedra: bool, beyond: bool, height: int) -> str:
     # Cached so a rerun sends the same HTML and the browser keeps the view (and the user's rotation).
     from pymatgen.core import Structure
 
     from engine import viewer
 
     return viewer.structure_view_html(Structure.from_str(structure_json, fmt="json"), style=style,
-                                      supercell=supercell, show_cell=show_cell, labels=labels, width="100%",
-                                      height=height)
+                                      supercell=supercell, show_cell=show_cell, labels=labels, polyhedra=polyhedra,
+                                      bonded_outside=beyond, width="100%", height=height)
 
 
-def structure_view(structure, *, key: str, height: int = 420) -> None:
-    """Interactive 3D view with style / repeat / label controls, or a plotly fallback saying why."""
+def structure_view(structure, *, key: str, height: int = 560) -> None:
+    """Interactive 3D view with style / repeat / polyhedra / label controls, or a plotly fallback saying why.
+
+    Atoms on cell faces, edges and corners are drawn at every image in the box, and the sticks are the bonds of
+    the Structure page's bond table (``engine.viewer.view_geometry``)."""
     from engine import viewer
 
-    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    c1, c2 = st.columns([1, 1])
     style = c1.radio("Style", ["ball-and-stick", "space-filling"], horizontal=True, key=f"{key}_style")
     rep = c2.select_slider("Supercell", ["1x1x1", "2x2x2", "3x3x3", "2x1x1", "2x2x1"], key=f"{key}_rep")
-    show_cell = c3.checkbox("Cell", value=True, key=f"{key}_cell")
+    c1, c2, c3, c4 = st.columns(4)
+    show_cell = c1.checkbox("Cell", value=True, key=f"{key}_cell")
+    polyhedra = c2.checkbox("Polyhedra", value=False, key=f"{key}_poly",
+                            help="Coordination polyhedra around cations with 4 to 8 neighbours")
+    beyond = c3.checkbox("Bonded atoms beyond the cell", value=False, key=f"{key}_beyond",
+                         help="Also draw the atoms outside the cell that a bond of an atom inside reaches")
     labels = c4.checkbox("Labels", value=False, key=f"{key}_labels")
     supercell = tuple(int(n) for n in rep.split("x"))
     reason = viewer.asset_status()
     if reason is None:
-        html = _view_html(structure.to_json(), style, supercell, show_cell, labels, height)
+        html = _view_html(structure.to_json(), style, supercell, show_cell, labels, polyhedra, beyond, height)
         st.iframe(html, height=height + 10)
         legend = " &nbsp; ".join(f"<span style='color:{color}'>&#9679;</span> {symbol}"
                                  for symbol, color in viewer.element_colors(structure).items())
