@@ -164,6 +164,42 @@ def sample_table(set_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def sample_reason(row: dict | pd.Series) -> str | None:
+    """Why a sample of :func:`sample_table` is not valid, in a few words a card can show; None when valid.
+
+    Unparsable: the evaluation's failure reason and detail, else the post-processing reason. Invalid: each
+    CrystaLLM check that failed (formula, multiplicities, bond lengths, space group) or the sanity reason
+    (e.g. an absurd volume per atom).
+    """
+    badge = row.get("badge")
+    if badge in ("valid", "not evaluated"):
+        return None
+    if badge == "unparsable":
+        reason = _text(row.get("failure_reason")) or _text(row.get("postprocess_reason")) or "could not be read"
+        detail = _text(row.get("failure_detail")) or _text(row.get("postprocess_error"))
+        return reason.replace("_", " ") + (f": {detail}" if detail else "")
+    if _text(row.get("failure_reason")):
+        detail = _text(row.get("failure_detail"))
+        return row["failure_reason"].replace("_", " ") + (f": {detail}" if detail else "")
+    failed = []
+    if row.get("formula_consistent") is False or row.get("formula_consistent") == 0:
+        failed.append("formula inconsistent with its stated formula")
+    if row.get("multiplicity_consistent") is False or row.get("multiplicity_consistent") == 0:
+        failed.append("site multiplicities inconsistent")
+    score = row.get("bond_length_score")
+    if score is None or (isinstance(score, float) and pd.isna(score)):
+        failed.append("bond lengths not scored")
+    elif float(score) < 1.0:
+        failed.append(f"bond lengths: {float(score):.0%} reasonable (needs 100%)")
+    if row.get("space_group_consistent") is False or row.get("space_group_consistent") == 0:
+        failed.append(f"space group: states {row.get('stated_spacegroup')}, is {row.get('spacegroup')}")
+    return "; ".join(failed) or "a validity check failed"
+
+
 def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
     """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files."""
     import io

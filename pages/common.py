@@ -205,13 +205,56 @@ _STATE_ICONS = {"running": ":material/progress_activity:", "finished": ":materia
 
 
 def launch(argv: list[str], kind: str, name: str, target: Path, replace_finished: bool = False) -> dict:
-    """Start a detached job (or re-attach to the one already running under this name) and follow it."""
-    record = jobs.launch_job(argv, jobs_root(kind) / name, kind=kind, target=target,
-                             replace_finished=replace_finished)
-    st.session_state[f"job_{kind}"] = str(jobs_root(kind) / name)
-    if record["reused"]:
-        st.info(f"{kind} job {name!r} was already running (started {record['started_at']}); following it")
+    """Start a detached job (or re-attach to the one already running under this name) and follow it.
+
+    Re-attaching is said by :func:`following_note` while that job runs (not by a message that outlives it).
+    """
+    job_dir = jobs_root(kind) / name
+    record = jobs.launch_job(argv, job_dir, kind=kind, target=target, replace_finished=replace_finished)
+    st.session_state[f"job_{kind}"] = str(job_dir)
+    st.session_state[f"_following_{kind}"] = (
+        [str(job_dir), f"{kind} job {name!r} was already running (started {record['started_at']}); following it"]
+        if record["reused"] else None)
     return record
+
+
+def following_note(kind: str) -> None:
+    """Say that the launch re-attached to a running job, for as long as that job runs (call it where the job's
+    live panel refreshes, so the note goes with the run)."""
+    note = st.session_state.get(f"_following_{kind}")
+    if not note:
+        return
+    if jobs.job_state(Path(note[0]))["state"] != "running":
+        st.session_state[f"_following_{kind}"] = None
+        return
+    st.info(note[1], icon=":material/sync:")
+
+
+def _request(argv: list[str]) -> list[str]:
+    """A job's command line without its output folder: what was asked for, whatever the result is called."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def identical_job(kind: str, argv: list[str]) -> tuple[Path, dict] | None:
+    """A running or finished job of ``kind`` that was asked exactly ``argv`` (apart from ``--out``), if any.
+
+    Two identical requests (same checkpoint, prompt, knobs and seed) make identical results, so the page follows
+    the first instead of starting the second (a double press of Enter or of the button).
+    """
+    wanted = _request([str(a) for a in argv])
+    for job_dir in jobs.list_jobs(jobs_root(kind)):
+        state = jobs.job_state(job_dir)
+        if state["state"] in ("running", "finished") and _request(state.get("argv") or []) == wanted:
+            return job_dir, state
+    return None
 
 
 def current_job(kind: str) -> Path | None:
@@ -233,6 +276,7 @@ def live_job(job_dir: Path, *, key: str, stoppable: bool = True) -> dict:
 
     @st.fragment(run_every=POLL_S)
     def _watch() -> None:
+        following_note(job_dir.parent.name)
         if job_panel(job_dir, key=key, stoppable=stoppable)["state"] != "running":
             st.rerun(scope="app")  # outputs of the finished job appear on the page
 

@@ -122,6 +122,7 @@ if watch and Path(watch) not in runs and (pending_job / jobs.JOB_FILE).exists():
     # to the run's live view as soon as its folder appears (or show why the job ended).
     @st.fragment(run_every=common.POLL_S)
     def _pending() -> None:
+        common.following_note("train")
         state = common.job_panel(pending_job, key="train_pending")
         if (Path(watch) / "status.json").exists() or state["state"] != "running":
             st.rerun(scope="app")
@@ -214,6 +215,7 @@ def _active() -> bool:
 if _active():
     @st.fragment(run_every=common.POLL_S)
     def _live() -> None:
+        common.following_note("train")
         _panel()
         if not _active():
             st.rerun(scope="app")
