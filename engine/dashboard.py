@@ -73,20 +73,45 @@ def training_progress(run_dir: str | os.PathLike) -> dict:
         "fraction": min(1.0, step / max_steps) if max_steps else 0.0,
         "train_loss": float(train["loss"].iloc[-1]) if len(train) else None,
         "val_loss": float(val["loss"].iloc[-1]) if len(val) else None,
-        "best_val_loss": status.get("best_val_loss"),
+        # The best validation loss so far, from the evaluations themselves: status.json only records it when a
+        # checkpoint is saved, which left "-" on screen for a whole run whose step 0 was evaluated.
+        "best_val_loss": min([float(v) for v in val["loss"].dropna()]
+                             + ([float(status["best_val_loss"])] if status.get("best_val_loss") is not None
+                                else []), default=None),
         "lr": float(train["lr"].iloc[-1]) if len(train) else None,
         "tokens_per_s": float(train["tokens_per_s"].iloc[-1]) if len(train) else None,
         "device": status.get("device"),
         "eta_s": None,
     }
-    if out["state"] == "running" and len(train) >= 2 and max_steps > step:
-        # Rate over the records since the latest (re)start: elapsed_s restarts from 0 on resume.
-        recent = train.iloc[-min(len(train), 20):]
-        d_step = recent["step"].iloc[-1] - recent["step"].iloc[0]
-        d_time = recent["elapsed_s"].iloc[-1] - recent["elapsed_s"].iloc[0]
-        if d_step > 0 and d_time > 0:
-            out["eta_s"] = float(d_time / d_step * (max_steps - step))
+    if out["state"] == "running" and len(train) and max_steps > step:
+        out["eta_s"] = _eta_s(df, step, max_steps)
     return out
+
+
+def _eta_s(df: pd.DataFrame, step: int, max_steps: int) -> float | None:
+    """Seconds left, from the wall time per step measured since the latest (re)start, evaluations included.
+
+    ``elapsed_s`` restarts from 0 on resume, so only the records after its last drop count. With two or more
+    training records, their wall time per step (which includes the evaluations between them, and whatever
+    else loads the machine) is extrapolated; with only the first, the time it took to reach it, which also
+    holds the start-up and the step-0 evaluation, so the first estimate errs long rather than short.
+    """
+    recs = df.dropna(subset=["elapsed_s"])
+    if recs.empty:
+        return None
+    elapsed = recs["elapsed_s"].to_numpy(float)
+    restart = int(max((i for i in range(1, len(elapsed)) if elapsed[i] < elapsed[i - 1]), default=0))
+    train = recs.iloc[restart:]
+    train = train[train["split"] == "train"]
+    if len(train) >= 2:
+        d_step = train["step"].iloc[-1] - train["step"].iloc[0]
+        d_time = recs["elapsed_s"].iloc[-1] - train["elapsed_s"].iloc[0]  # up to the newest record of any kind
+        if d_step > 0 and d_time > 0:
+            return float(d_time / d_step * (max_steps - step))
+    if len(train) == 1 and train["step"].iloc[0] > 0 and train["elapsed_s"].iloc[0] > 0:
+        first_step = int(train["step"].iloc[0])
+        return float(train["elapsed_s"].iloc[0] / first_step * (max_steps - step))
+    return None
 
 
 def gpu_memory() -> list[dict] | None:
