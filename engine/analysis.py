@@ -36,9 +36,24 @@ def load_structure(cif_text: str, label: str = "CIF") -> Structure:
     """
     structure, reason, detail = checks.parse_structure(cif_text)
     if structure is None:
-        raise InputError(f"{label} cannot be read as a crystal structure ({reason}: {detail}); "
-                         "check that it is a complete CIF")
+        raise InputError(f"{label} cannot be read as a crystal structure: {_what_is_wrong(reason, detail)}; "
+                         "check that it is a complete CIF (a data_ line, cell lengths and angles, and an "
+                         "_atom_site loop with element and fractional coordinates)")
     return structure
+
+
+def _what_is_wrong(reason: str | None, detail: str | None) -> str:
+    """pymatgen's parser messages (several lines, quoted key names) said in one clause."""
+    detail = " ".join((detail or "").split())
+    missing = re.findall(r"'(_[a-z_]+)'", detail)
+    if reason == "parse_error" and "no structures" in detail.lower():
+        return "no crystal structure was found in the text"
+    if missing:
+        return f"the CIF key {', '.join(dict.fromkeys(missing))} is missing or unreadable"
+    if reason == "unknown_element":
+        return detail or "an element symbol is not known"
+    first = re.split(r"(?<=[.!?])\s", detail, maxsplit=1)[0] if detail else (reason or "unknown reason")
+    return first.rstrip(".")[:160]
 
 
 def _guard_size(structure: Structure) -> None:

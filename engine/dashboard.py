@@ -242,10 +242,33 @@ def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
     return buf.getvalue()
 
 
+def extend_data_dirs(dirs: list[str] | None) -> None:
+    """Add ``--data-dir`` folders to ``CRYSTALLAB_DATA_DIRS`` (this process, hence the Streamlit server it
+    becomes), so the dashboard may read files from them.
+
+    Raises:
+        InputError: a folder does not exist.
+    """
+    from engine.errors import InputError
+
+    extra = []
+    for d in dirs or []:
+        path = Path(d).expanduser().resolve()
+        if not path.is_dir():
+            raise InputError(f"--data-dir {d}: no such folder; give an existing folder the dashboard may read from")
+        extra.append(str(path))
+    if extra:
+        current = [p for p in os.environ.get("CRYSTALLAB_DATA_DIRS", "").split(os.pathsep) if p.strip()]
+        os.environ["CRYSTALLAB_DATA_DIRS"] = os.pathsep.join(dict.fromkeys(current + extra))
+
+
 def _run(args: argparse.Namespace) -> int:
+    extend_data_dirs(args.data_dir)
     if ensure_3dmol_js(download=not args.offline) is None:
         print(f"warning: {asset_status()}; 3D views will fall back to a simple plot", file=sys.stderr)
     settings = get_settings()
+    if settings.data_dirs:
+        print(f"crystallab dashboard: may also read {', '.join(map(str, settings.data_dirs))}", file=sys.stderr)
     print(f"crystallab dashboard: runs in {settings.runs_dir}; open http://{args.address}:{args.port}/"
           f"{args.base_url_path.strip('/')}", file=sys.stderr)
     cmd = streamlit_command(args.port, args.address, args.base_url_path)
@@ -261,6 +284,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1; use an SSH tunnel to reach it remotely)")
     p.add_argument("--base-url-path", default="", help="serve under this URL path, e.g. 'lab' for /lab/")
+    p.add_argument("--data-dir", action="append", metavar="DIR",
+                   help="a folder the dashboard may read user files from (repeatable; added to "
+                        "CRYSTALLAB_DATA_DIRS), e.g. ../shared/data for the structure-prediction targets")
     p.add_argument("--offline", action="store_true",
                    help="do not try to fetch 3Dmol.js from the npm registry if it is not cached")
     p.set_defaults(func=_run)
