@@ -206,13 +206,56 @@ _STATE_ICONS = {"running": ":material/progress_activity:", "finished": ":materia
 
 
 def launch(argv: list[str], kind: str, name: str, target: Path, replace_finished: bool = False) -> dict:
-    """Start a detached job (or re-attach to the one already running under this name) and follow it."""
-    record = jobs.launch_job(argv, jobs_root(kind) / name, kind=kind, target=target,
-                             replace_finished=replace_finished)
-    st.session_state[f"job_{kind}"] = str(jobs_root(kind) / name)
-    if record["reused"]:
-        st.info(f"{kind} job {name!r} was already running (started {record['started_at']}); following it")
+    """Start a detached job (or re-attach to the one already running under this name) and follow it.
+
+    Re-attaching is said by :func:`following_note` while that job runs (not by a message that outlives it).
+    """
+    job_dir = jobs_root(kind) / name
+    record = jobs.launch_job(argv, job_dir, kind=kind, target=target, replace_finished=replace_finished)
+    st.session_state[f"job_{kind}"] = str(job_dir)
+    st.session_state[f"_following_{kind}"] = (
+        [str(job_dir), f"{kind} job {name!r} was already running (started {record['started_at']}); following it"]
+        if record["reused"] else None)
     return record
+
+
+def following_note(kind: str) -> None:
+    """Say that the launch re-attached to a running job, for as long as that job runs (call it where the job's
+    live panel refreshes, so the note goes with the run)."""
+    note = st.session_state.get(f"_following_{kind}")
+    if not note:
+        return
+    if jobs.job_state(Path(note[0]))["state"] != "running":
+        st.session_state[f"_following_{kind}"] = None
+        return
+    st.info(note[1], icon=":material/sync:")
+
+
+def _request(argv: list[str]) -> list[str]:
+    """A job's command line without its output folder: what was asked for, whatever the result is called."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def identical_job(kind: str, argv: list[str]) -> tuple[Path, dict] | None:
+    """A running or finished job of ``kind`` that was asked exactly ``argv`` (apart from ``--out``), if any.
+
+    Two identical requests (same checkpoint, prompt, knobs and seed) make identical results, so the page follows
+    the first instead of starting the second (a double press of Enter or of the button).
+    """
+    wanted = _request([str(a) for a in argv])
+    for job_dir in jobs.list_jobs(jobs_root(kind)):
+        state = jobs.job_state(job_dir)
+        if state["state"] in ("running", "finished") and _request(state.get("argv") or []) == wanted:
+            return job_dir, state
+    return None
 
 
 def current_job(kind: str) -> Path | None:
@@ -234,6 +277,7 @@ def live_job(job_dir: Path, *, key: str, stoppable: bool = True) -> dict:
 
     @st.fragment(run_every=POLL_S)
     def _watch() -> None:
+        following_note(job_dir.parent.name)
         if job_panel(job_dir, key=key, stoppable=stoppable)["state"] != "running":
             st.rerun(scope="app")  # outputs of the finished job appear on the page
 
@@ -262,30 +306,38 @@ def job_panel(job_dir: Path, *, key: str, stoppable: bool = True, log_lines: int
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _view_html(structure_json: str, style: str, supercell: tuple, show_cell: bool, labels: bool,
-               height: int) -> str:
+               polyhedra: bool, beyond: bool, height: int) -> str:
     # Cached so a rerun sends the same HTML and the browser keeps the view (and the user's rotation).
     from pymatgen.core import Structure
 
     from engine.app import viewer
 
     return viewer.structure_view_html(Structure.from_str(structure_json, fmt="json"), style=style,
-                                      supercell=supercell, show_cell=show_cell, labels=labels, width="100%",
-                                      height=height)
+                                      supercell=supercell, show_cell=show_cell, labels=labels, polyhedra=polyhedra,
+                                      bonded_outside=beyond, width="100%", height=height)
 
 
-def structure_view(structure, *, key: str, height: int = 420) -> None:
-    """Interactive 3D view with style / repeat / label controls, or a plotly fallback saying why."""
+def structure_view(structure, *, key: str, height: int = 560) -> None:
+    """Interactive 3D view with style / repeat / polyhedra / label controls, or a plotly fallback saying why.
+
+    Atoms on cell faces, edges and corners are drawn at every image in the box, and the sticks are the bonds of
+    the Structure page's bond table (``engine.app.viewer.view_geometry``)."""
     from engine.app import viewer
 
-    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    c1, c2 = st.columns([1, 1])
     style = c1.radio("Style", ["ball-and-stick", "space-filling"], horizontal=True, key=f"{key}_style")
     rep = c2.select_slider("Supercell", ["1x1x1", "2x2x2", "3x3x3", "2x1x1", "2x2x1"], key=f"{key}_rep")
-    show_cell = c3.checkbox("Cell", value=True, key=f"{key}_cell")
+    c1, c2, c3, c4 = st.columns(4)
+    show_cell = c1.checkbox("Cell", value=True, key=f"{key}_cell")
+    polyhedra = c2.checkbox("Polyhedra", value=False, key=f"{key}_poly",
+                            help="Coordination polyhedra around cations with 4 to 8 neighbours")
+    beyond = c3.checkbox("Bonded atoms beyond the cell", value=False, key=f"{key}_beyond",
+                         help="Also draw the atoms outside the cell that a bond of an atom inside reaches")
     labels = c4.checkbox("Labels", value=False, key=f"{key}_labels")
     supercell = tuple(int(n) for n in rep.split("x"))
     reason = viewer.asset_status()
     if reason is None:
-        html = _view_html(structure.to_json(), style, supercell, show_cell, labels, height)
+        html = _view_html(structure.to_json(), style, supercell, show_cell, labels, polyhedra, beyond, height)
         st.iframe(html, height=height + 10)
         legend = " &nbsp; ".join(f"<span style='color:{color}'>&#9679;</span> {symbol}"
                                  for symbol, color in viewer.element_colors(structure).items())

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.app import dashboard
+from engine.crystal import analysis
 from engine.evaluate import report
 from engine.evaluate.sweeps import config_from_dict, dump_sweep_config
 from engine.lab import jobs
@@ -168,8 +169,10 @@ else:
         st.stop()
     with common.user_errors():
         rows = report.compare_sample_sets(chosen_sets)
+    # Sets are told apart by their folder name (two sets may share checkpoint, prompt and every setting).
+    rows["cell"] = [d.name if d.parent == s.samples_dir else common.rel(d) for d in chosen_sets]
     samples = pd.concat([dashboard.sample_table(d).assign(checkpoint=r.checkpoint, temperature=r.temperature,
-                                                          prompt=r.prompt)
+                                                          prompt=r.prompt, cell=r.cell)
                          for d, r in zip(chosen_sets, rows.itertuples())], ignore_index=True)
     title = "Sample-set comparison"
     ckpt_paths, environment = {}, None
@@ -177,7 +180,7 @@ else:
 # --- tables --------------------------------------------------------------------------------------------------
 st.subheader("Per checkpoint and prompt")
 # A plain HTML table: a handful of rows, readable and copyable as text (st.dataframe draws on a canvas).
-st.table(report.per_checkpoint_table(rows).set_index("checkpoint"))
+st.table(report.per_checkpoint_table(rows, with_set=True).set_index("checkpoint"))
 st.caption("Counts read k/n (rate) [95 % Wilson interval]; the markdown report below defines every column.")
 if rows["prompt"].nunique() > 1:
     st.subheader("Per prompt (valid)")
@@ -216,15 +219,20 @@ else:
     right.plotly_chart(fig, key="compare_valid_bars")
 
 if n_parsed and samples is not None and not samples.empty and "spacegroup" in samples.columns:
+    # One bar colour per compared set (T 0.5 and T 1.0 of one checkpoint are two sets, not one checkpoint).
+    group = "cell" if "cell" in samples.columns else "checkpoint"
     left, right = st.columns(2)
-    sg = samples.dropna(subset=["spacegroup"]).groupby(["checkpoint", "spacegroup"]).size().rename("samples")
-    left.plotly_chart(px.bar(sg.reset_index(), x="spacegroup", y="samples", color="checkpoint", barmode="group",
-                             title="Detected space groups per checkpoint", height=360), key="compare_sgs")
+    sg = samples.dropna(subset=["spacegroup"]).assign(spacegroup=lambda d: d["spacegroup"].map(
+        analysis.spacegroup_label)).groupby([group, "spacegroup"]).size().rename("samples")
+    left.plotly_chart(px.bar(sg.reset_index(), x="spacegroup", y="samples", color=group, barmode="group",
+                             labels={"cell": "set"}, title="Detected space groups per compared set", height=360),
+                      key="compare_sgs")
     if "reduced_formula" in samples.columns:
-        fm = samples.dropna(subset=["reduced_formula"]).groupby(["checkpoint", "reduced_formula"]).size()
+        fm = samples.dropna(subset=["reduced_formula"]).groupby([group, "reduced_formula"]).size()
         right.plotly_chart(px.bar(fm.rename("samples").reset_index().sort_values("samples", ascending=False)
-                                  .head(60), x="reduced_formula", y="samples", color="checkpoint", barmode="group",
-                                  title="Formulas per checkpoint (top 60)", height=360), key="compare_formulas")
+                                  .head(60), x="reduced_formula", y="samples", color=group, barmode="group",
+                                  labels={"cell": "set"}, title="Formulas per compared set (top 60)", height=360),
+                           key="compare_formulas")
 
 # Loss curves of the runs behind the compared checkpoints.
 run_dirs = []

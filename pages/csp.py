@@ -1,17 +1,22 @@
-"""Structure-prediction page: run the CSP benchmark (a detached ``crystallab csp`` job) on known structures, then
-read its match rate and RMSE, the per-target table and plots, and put a target next to its best sample in 3D."""
+"""Structure-prediction page: run the CSP benchmark (a detached ``crystallab csp`` job) on known structures (an
+upload, a dataset or sample set of the lab, or an allowed server path), then read its match rate and RMSE, the per-target table and plots, and put a target next to its best sample in 3D."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+from pymatgen.core import Composition
 
-from engine.crystal.analysis import load_structure
+from engine.crystal.analysis import load_structure, spacegroup_label
 from engine.crystal.postprocess import postprocess
 from engine.evaluate import csp
 from engine.lab import jobs
 from engine.lab.errors import InputError
+from engine.lab.fsutil import atomic_write_bytes, read_json, read_jsonl
+from engine.models.family import knobs_text
 from pages import common
 
 st.title("Structure prediction")
@@ -32,6 +37,41 @@ def _stamp(run) -> float:
     return folder.stat().st_mtime if folder.exists() else 0.0
 
 
+TARGET_KINDS = ("Upload", "A dataset of this lab", "A sample set of this lab", "Path on the server")
+
+
+def _dataset_sources() -> dict[str, str]:
+    """Datasets of the lab built from one source that is still there (a CSV, folder or archive, or the
+    built-in corpus): name -> that source, which the benchmark reads as its targets."""
+    out = {}
+    for ds in common.datasets():
+        sources = (read_json(ds / "dataset.json", {}) or {}).get("sources") or []
+        if len(sources) == 1 and (str(sources[0]).startswith("builtin") or Path(sources[0]).exists()):
+            out[ds.name] = str(sources[0])
+    return out
+
+
+def _target_source(kind: str, choice, typed: str, run_name: str) -> str:
+    """The ``--targets`` argument for the chosen kind of target source (an upload is saved under the runs root).
+
+    Raises:
+        InputError: nothing chosen; PathNotAllowed: a typed path outside the allowed folders.
+    """
+    if kind == "Path on the server":
+        if not typed.strip():
+            raise InputError("give the target structures: a CSV with a 'cif' column, or a folder / zip of CIFs")
+        return str(s.resolve_user_path(typed.strip()))
+    if choice is None:
+        raise InputError(f"choose the target structures ({kind.lower()}) first")
+    if kind == "Upload":
+        path = s.runs_dir / "uploads" / "csp" / run_name / Path(choice.name).name
+        atomic_write_bytes(path, choice.getvalue())
+        return str(path)
+    if kind == "A sample set of this lab":
+        return str(Path(choice) / "processed")
+    return str(choice)
+
+
 # --- launch --------------------------------------------------------------------------------------------------
 runs = common.csp_runs()
 with st.expander("Run the benchmark", expanded=not runs):
@@ -40,13 +80,36 @@ with st.expander("Run the benchmark", expanded=not runs):
                             empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
                                   "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
     if ckpt is not None:
+        target_kind = st.radio("Target structures from", list(TARGET_KINDS), horizontal=True, key="csp_target_kind",
+                               help="A standard split (MP-20, perov-5 test.csv) can be uploaded as it is")
+        target_choice = None
+        if target_kind == "Upload":
+            target_choice = st.file_uploader("CSV with a 'cif' column, or a zip / tar.gz of CIFs",
+                                             type=["csv", "zip", "gz", "tgz", "tar", "cif"], key="csp_upload")
+        elif target_kind == "A dataset of this lab":
+            sources = _dataset_sources()
+            if not sources:
+                st.info("No dataset whose source files are still here: build one on the Data page, or upload.")
+            else:
+                target_choice = st.selectbox("Dataset", list(sources), key="csp_dataset",
+                                             format_func=lambda d: f"{d} ({Path(sources[d]).name})")
+                target_choice = sources.get(target_choice)
+        elif target_kind == "A sample set of this lab":
+            sets = [p for p in common.sample_sets() if any((p / "processed").glob("*.cif"))]
+            if not sets:
+                st.info("No sample set with post-processed CIFs yet: sample on the Sample page, or upload.")
+            else:
+                target_choice = st.selectbox("Sample set", sets, key="csp_sample_set", format_func=common.rel)
         with st.form("csp_form"):
             c1, c2 = st.columns([1, 2])
             name = c1.text_input("Run name", value="csp", key="csp_name")
-            targets = c2.text_input(
-                "Target structures", key="csp_targets", placeholder="/data/mp20/test.csv",
-                help="A CSV with a 'cif' column (CDVAE / MP-20 test split), a folder, zip or tar of CIFs. Absolute, "
-                     "or relative to the runs root; its folder must be allowed (CRYSTALLAB_DATA_DIRS).")
+            targets = ""
+            if target_kind == "Path on the server":
+                targets = c2.text_input(
+                    "Target structures", key="csp_targets", placeholder="/data/mp20/test.csv",
+                    help="A CSV with a 'cif' column (CDVAE / MP-20 test split), a folder, zip or tar of CIFs. "
+                         "Absolute, or relative to the runs root; its folder must be allowed (`crystallab dashboard "
+                         "--data-dir FOLDER` or CRYSTALLAB_DATA_DIRS).")
             c1, c2, c3, c4 = st.columns(4)
             k = c1.number_input("Samples per target (k)", 1, 1000, 20, key="csp_k")
             limit = c2.number_input("Targets (0 = all)", 0, 1_000_000, 100, key="csp_limit",
@@ -64,13 +127,10 @@ with st.expander("Run the benchmark", expanded=not runs):
         if go_:
             with common.user_errors():
                 name = jobs.check_name(name, "run name")
-                if not targets.strip():
-                    raise InputError("give the target structures: a CSV with a 'cif' column, or a folder / zip of "
-                                     "CIFs")
-                target_path = s.resolve_user_path(targets.strip())
                 out = s.csp_dir / name
                 if out.exists():
                     raise InputError(f"run {name!r} already exists in {out}; choose another name")
+                target_path = _target_source(target_kind, target_choice, targets, name)
                 argv = ["csp", "--ckpt", str(ckpt), "--targets", str(target_path), "--out", str(out), "--k", str(k),
                         "--subset-seed", str(subset_seed), "--seed", str(seed), "--temperature", str(temperature),
                         "--top-k", str(top_k), "--max-new-tokens", str(max_tokens), "--device", device]
@@ -82,18 +142,22 @@ with st.expander("Run the benchmark", expanded=not runs):
                 st.session_state["csp_view"] = str(out)
 
 job = common.current_job("csp")
+starting = False
 if job is not None:
     common.live_job(job, key="csp_job")
     state = jobs.job_state(job)
     if state["state"] == "running":
         status = state.get("run_status") or {}
         done, total = status.get("done") or 0, status.get("total") or 0
-        st.progress(done / total if total else 0.0, text=f"{done}/{total} targets")
+        starting = not total
+        st.progress(done / total if total else 0.0,
+                    text=f"{done}/{total} targets" if total else "Reading the targets and loading the model...")
 
 # --- results -------------------------------------------------------------------------------------------------
 runs = common.csp_runs()
 if not runs:
-    st.info("No benchmark run yet: start one above.")
+    st.info("The benchmark is starting: its results appear here as targets finish." if starting
+            else "No benchmark run yet: start one above.")
     st.stop()
 want = [p for p in runs if str(p) == st.session_state.get("csp_view")]
 if want:
@@ -118,8 +182,15 @@ c[3].metric("Valid samples", csp._pct(summary["valid_sample_rate"]),
             help=summary["definitions"]["valid_sample_rate"])
 c[4].metric("Match rate, structural filter", csp._pct(summary["match_rate_struct_only"]),
             help=summary["definitions"]["match_rate_struct_only"])
+if summary.get("n_rejected"):
+    rejected = list(read_jsonl(run / "rejects.jsonl"))
+    st.caption(f"{summary['n_rejected']} target(s) could not be prompted (disordered, an element outside the "
+               "vocabulary, unreadable) and are not counted in these figures.")
+    if rejected:
+        with st.expander(f"Rejected targets ({len(rejected)})"):
+            st.dataframe(pd.DataFrame(rejected), hide_index=True, key="csp_rejects")
 samp = summary["sampling"]
-st.caption(f"k {samp['k']} | {csp._knob_text(samp)} | seed {samp['seed']} | "
+st.caption(f"k {samp['k']} | {knobs_text(samp)} | seed {samp['seed']} | "
            f"{'with' if samp['with_spacegroup'] else 'without'} space group | checkpoint "
            f"{summary['checkpoint'].get('path')} (step {summary['checkpoint'].get('step')}) | targets "
            f"{summary['targets_source']}")
@@ -129,20 +200,18 @@ d1.download_button("Report (markdown)", csp.summary_markdown(summary), f"{run.na
 d2.download_button("Per-target results (CSV)", table.to_csv(index=False), f"{run.name}-results.csv",
                    mime="text/csv", key="csp_csv", icon=":material/download:")
 
-targets_csv = run / "targets.csv"
-sites = None
-if targets_csv.exists():
-    sites = pd.read_csv(targets_csv)[["index", "n_sites"]]
 left, right = st.columns(2)
-if sites is not None:
-    by = table.merge(sites, on="index")
-    by["sites"] = pd.cut(by["n_sites"], [0, 4, 8, 12, 16, 20, 10_000], labels=["1-4", "5-8", "9-12", "13-16",
-                                                                               "17-20", ">20"])
-    rate = by.groupby("sites", observed=True)["matched"].agg(["mean", "size"]).reset_index()
-    fig = px.bar(rate, x="sites", y="mean", text="size", title="Match rate by atoms in the target cell "
-                 "(labels: targets)")
-    fig.update_layout(yaxis_tickformat=".0%", yaxis_title="match rate", xaxis_title="sites", height=340)
-    left.plotly_chart(fig, key="csp_by_sites")
+# Atoms in the target cell as prompted (its cell formula), the number the chart's bins name.
+by = table.assign(atoms=[int(Composition(f).num_atoms) for f in table["cell_formula"]])
+by["atoms_bin"] = pd.cut(by["atoms"], [0, 4, 8, 12, 16, 20, 10_000],
+                         labels=["1-4", "5-8", "9-12", "13-16", "17-20", ">20"])
+rate = by.groupby("atoms_bin", observed=True)["matched"].agg(["mean", "size"]).reset_index()
+fig = px.bar(rate, x="atoms_bin", y="mean", text="size", title="Match rate by atoms in the target cell")
+fig.update_traces(textposition="outside", cliponaxis=False)
+fig.update_layout(yaxis_tickformat=".0%", yaxis_title="match rate", xaxis_title="atoms in the cell",
+                  yaxis_range=[0, 1.1], height=340, margin={"t": 50})
+left.plotly_chart(fig, key="csp_by_sites")
+left.caption("Numbers above the bars: targets in the bin.")
 matched = table[table["matched"].astype(bool)]
 if not matched.empty:
     upper = max(0.01, 1.05 * float(matched["best_rms"].max()))
@@ -157,7 +226,7 @@ st.dataframe(table, hide_index=True, key="csp_table", column_config={
 
 # --- one target ----------------------------------------------------------------------------------------------
 st.subheader("Target and sample")
-labels = {int(r.index): f"{r.name} ({r.cell_formula}, {r.spacegroup})" + (" · matched" if r.matched else "")
+labels = {int(r.index): f"{r.name} ({r.cell_formula}, {spacegroup_label(r.spacegroup) or r.spacegroup})" + (" · matched" if r.matched else "")
           for r in table.itertuples()}
 pick = st.selectbox("Target", list(labels), format_func=labels.get, key="csp_target")
 record = csp.target_record(run, pick)

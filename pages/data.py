@@ -4,14 +4,18 @@ frequencies."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from engine.data.datasets import build_dataset
 from engine.lab import jobs
-from engine.lab.errors import InputError
+from engine.lab.errors import CrystallabError, InputError
 from engine.lab.fsutil import atomic_write_bytes, read_json, read_jsonl
 from pages import common
 
@@ -34,6 +38,43 @@ def _build_sources(state: dict) -> str:
     return ", ".join(Path(f).name for f in files)
 
 
+def _default_name(kind: str) -> str:
+    """A dataset name that is free: ``builtin`` for the corpus (dated once taken), ``upload-YYYYMMDD-HHMM`` for
+    uploads, ``data-YYYYMMDD-HHMM`` otherwise."""
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M}"
+    if kind == "Built-in corpus":
+        return "builtin" if not (common.settings().datasets_dir / "builtin").exists() else f"builtin-{stamp}"
+    return f"upload-{stamp}" if kind.startswith("Upload") else f"data-{stamp}"
+
+
+# The build's own words for its settings, and the page's (its error names the CLI flag).
+_PAGE_WORDS = ((re.compile(r"\(?--val-fraction 0\)?"), "(set Validation share to 0)"),
+               (re.compile(r"--val-fraction|val_fraction"), "Validation share"))
+
+
+def _page_words(text: str) -> str:
+    for pattern, words in _PAGE_WORDS:
+        text = pattern.sub(words, text)
+    return text
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _rejects_of(files: tuple[str, ...], stamp: float) -> pd.DataFrame | None:
+    """Which of a failed build's files were rejected or dropped as duplicates, and why: the engine's own build,
+    train-only, into a throwaway folder (a failed build leaves no rejects.jsonl behind). None when no file is
+    usable at all (the build's error then names the reasons)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "check"
+        try:
+            build_dataset(list(files), out, val_fraction=0.0, workers=1)
+        except CrystallabError:
+            return None
+        rows = list(read_jsonl(out / "rejects.jsonl"))
+        rows += [{"source": d["source"], "name": d["name"], "reason": f"duplicate of {d.get('kept_name', '?')}"}
+                 for d in read_jsonl(out / "duplicates.jsonl")]
+    return pd.DataFrame(rows, columns=["source", "name", "reason"])
+
+
 st.title("Data")
 s = common.settings()
 upload_round = st.session_state.setdefault("data_upload_round", 0)
@@ -42,9 +83,13 @@ upload_round = st.session_state.setdefault("data_upload_round", 0)
 with st.expander("Build a dataset", expanded=not common.datasets()):
     kind = st.radio("Source", ["Built-in corpus", "Upload CIFs / zip / CSV", "Folder or file on the server",
                                "CrystaLLM token archive"], horizontal=True, key="data_kind")
+    if st.session_state.get("_data_name_kind") != kind or "data_name" not in st.session_state:
+        # Each source has its own default name (the corpus' "builtin" is taken once it is built, and an upload
+        # named after it failed with "already exists"); a widget's value= only counts on its first render.
+        st.session_state["_data_name_kind"] = kind
+        st.session_state["data_name"] = _default_name(kind)
     with st.form("data_build"):
-        name = st.text_input("Dataset name", value="builtin" if kind == "Built-in corpus" else "",
-                             key="data_name", help="Folder name under runs/data/")
+        name = st.text_input("Dataset name", key="data_name", help="Folder name under runs/data/")
         argv_extra: list[str] = []
         uploads, server_path = None, ""
         if kind == "Built-in corpus":
@@ -96,15 +141,22 @@ with st.expander("Build a dataset", expanded=not common.datasets()):
             argv += argv_extra
             common.launch(argv, "data", name, target=out)
         if kind == "Upload CIFs / zip / CSV":
-            # Files uploaded for this build must not join the next one unnoticed: a new key gives an empty list.
-            st.session_state["data_upload_round"] = upload_round + 1
-            st.rerun()
+            # The files stay in the uploader while this build runs and after it fails (fix a setting, build
+            # again); once it has built, a new key empties the list so they cannot join the next build unnoticed.
+            st.session_state["data_upload_job"] = str(common.jobs_root("data") / name)
 
 # --- the build in progress -----------------------------------------------------------------------------------
 job = common.current_job("data")
-building = False
+building, failed_build = False, None
+upload_job = st.session_state.get("data_upload_job")
+if upload_job and jobs.job_state(Path(upload_job))["state"] == "finished":
+    st.session_state["data_upload_job"] = None
+    st.session_state["data_upload_round"] = upload_round + 1
+    st.rerun()
 if job is not None:
     state = jobs.job_state(job)
+    if state["state"] in ("failed", "died"):
+        failed_build = state
     if state.get("target"):
         st.session_state["data_view"] = state["target"]  # shown below once it is built
     building = state["state"] == "running"
@@ -127,6 +179,24 @@ if job is not None:
             common.job_panel(job, key="data_job", stoppable=False)
 
         _watch()
+    elif failed_build is not None:
+        st.error(f"Building {job.name!r} failed: {_page_words(failed_build.get('message') or '')}",
+                 icon=":material/error:")
+        argv = failed_build.get("argv") or []
+        files = [a for a in argv[2:argv.index("--out")]] if argv[:2] == ["data", "build"] and "--out" in argv \
+            else []
+        if files:
+            stamp = max((Path(f).stat().st_mtime for f in files if Path(f).exists()), default=0.0)
+            with st.spinner("Checking which files were rejected..."):
+                found_rejects = _rejects_of(tuple(files), stamp)
+            if found_rejects is not None:
+                st.subheader(f"Rejects of this build ({len(found_rejects)})")
+                if found_rejects.empty:
+                    st.caption("Every file was usable: the build failed for the reason above.")
+                else:
+                    st.dataframe(found_rejects, hide_index=True, key="data_failed_rejects")
+        with st.expander("Log"):
+            st.code(_page_words(jobs.tail_log(job, 15)) or "(empty)", language=None)
     else:
         common.job_panel(job, key="data_job", stoppable=False)
 
@@ -174,8 +244,10 @@ if sgs:
     st.plotly_chart(px.bar(df, x="space group", y="CIFs", title=f"Space-group frequency (top {TOP_N})",
                            height=320), key="data_sgs")
 
+if failed_build is not None:
+    st.stop()  # the rejects shown are the failed build's, not this older dataset's
 rejects = pd.DataFrame(list(read_jsonl(ds / "rejects.jsonl")), columns=["source", "name", "reason"])
-st.subheader(f"Rejects ({len(rejects)})")
+st.subheader(f"Rejects of {ds.name} ({len(rejects)})")
 if stats.get("skipped"):
     names = ", ".join(f["name"] for f in stats.get("skipped_files", [])[:10])
     st.caption(f"Skipped {stats['skipped']:,} file(s) that are not .cif: {names}"

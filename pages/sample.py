@@ -1,5 +1,6 @@
 """Sample page: pick a checkpoint, build a prompt, set the sampling knobs and generate (a detached job);
-then browse the results: a gallery with validity badges, a 3D view of the chosen crystal, CIF text, downloads."""
+then browse the results: a gallery with validity badges and the reason a sample is not valid, a dialog with the
+chosen crystal in 3D and its CIF (or the raw text of one that does not parse), downloads."""
 
 from __future__ import annotations
 
@@ -10,22 +11,59 @@ from pathlib import Path
 import streamlit as st
 
 from engine.app import dashboard
-from engine.crystal.analysis import load_structure
+from engine.crystal.analysis import load_structure, spacegroup_label
 from engine.crystal.prompts import build_prompts, spacegroup_choices
 from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
-from engine.models.checkpoint import checkpoint_info
+from engine.models.family import knob_argv, knobs_text
 from pages import common
 
 st.title("Sample")
+
+
+@st.cache_resource(show_spinner=False)
+def _gpt_knobs():
+    from engine.models.crystallm import CrystaLLMGPT
+
+    return CrystaLLMGPT.knobs
+
+
+CrystaLLMGPT_KNOBS = _gpt_knobs()
 s = common.settings()
 PER_PAGE = 12
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _ckpt_info(path: str, mtime: float) -> dict:
-    return checkpoint_info(path)
+def _model_card(path: str, mtime: float) -> dict:
+    return dashboard.model_card(path)
+
+
+# Widgets for the CrystaLLM GPT family's knobs (their keys are part of the page's contract with its tests);
+# any other family's knobs get a widget from their kind and range.
+_GPT_WIDGETS = {
+    "temperature": ("slider", "Temperature", 0.0, 2.0, 0.05, "sample_temp"),
+    "top_k": ("slider", "Top-k (0 = off)", 0, 100, 1, "sample_topk"),
+    "top_p": ("slider", "Top-p (1 = off)", 0.05, 1.0, 0.05, "sample_topp"),
+    "max_new_tokens": ("number", "Max new tokens", 16, 20_000, 1, "sample_max_tokens"),
+}
+
+
+def _knob_widget(container, knob, family: str):
+    """One input for a sampling knob, within the knob's range; returns its value."""
+    if knob.name in _GPT_WIDGETS and family == "crystallm-gpt":
+        kind, label, lo, hi, step, key = _GPT_WIDGETS[knob.name]
+        if kind == "slider":
+            return container.slider(label, lo, hi, knob.default, step, key=key, help=knob.help)
+        return container.number_input(label, lo, hi, knob.default, key=key, help=knob.help)
+    key = f"sample_knob_{family}_{knob.name}"
+    label = knob.name.replace("_", " ").capitalize()
+    if knob.kind == "bool":
+        return container.checkbox(label, value=bool(knob.default), key=key, help=knob.help)
+    cast = float if knob.kind == "float" else int
+    lo = cast(knob.low) if knob.low is not None else None
+    hi = cast(knob.high) if knob.high is not None else None
+    return container.number_input(label, lo, hi, cast(knob.default), key=key, help=knob.help)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -55,14 +93,11 @@ with st.expander("Generate", expanded=True):
                             empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
                                   "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
     with common.user_errors():
-        info = _ckpt_info(str(ckpt), ckpt.stat().st_mtime)
-    if info["problem"]:
-        st.error(f"{ckpt.name} cannot be used for sampling: {info['problem']}", icon=":material/error:")
+        card = _model_card(str(ckpt), ckpt.stat().st_mtime)
+    if card["problem"]:
+        st.error(f"{ckpt.name} cannot be used for sampling: {card['problem']}", icon=":material/error:")
         st.stop()
-    st.caption(f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
-               f"{info['model_args'].get('block_size')} | best val loss "
-               f"{'-' if info['best_val_loss'] is None else format(info['best_val_loss'], '.4f')}"
-               + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
+    st.caption(card["caption"] + ("" if card["family"] == "crystallm-gpt" else f" | family {card['family']}"))
 
     conditional = st.toggle("Condition on a composition", value=True, key="sample_conditional")
     formula, z, sg = None, None, None
@@ -81,17 +116,21 @@ with st.expander("Generate", expanded=True):
         prompts = build_prompts(formula, z=z, spacegroup=sg)
     st.caption(f"{len(prompts)} prompt(s): " + ", ".join(p.label for p in prompts))
 
-    with st.form("sample_form"):
+    # Enter in a field of this form does not submit it: only the button starts a job.
+    with st.form("sample_form", enter_to_submit=False):
+        # The family's own knobs (the checkpoint decides which), three to a row.
+        shown = [k for k in card["knobs"] if k.kind != "bool"]
+        knobs: dict = {}
+        for start in range(0, len(shown), 3):
+            cols = st.columns(3)
+            for col, knob in zip(cols, shown[start : start + 3]):
+                knobs[knob.name] = _knob_widget(col, knob, card["family"])
+        for knob in (k for k in card["knobs"] if k.kind == "bool"):
+            knobs[knob.name] = _knob_widget(st, knob, card["family"])
         c1, c2, c3 = st.columns(3)
-        temperature = c1.slider("Temperature", 0.0, 2.0, 0.8, 0.05, key="sample_temp",
-                                help="0 = greedy; lower raises validity and lowers diversity")
-        top_k = c2.slider("Top-k (0 = off)", 0, 100, 10, key="sample_topk")
-        top_p = c3.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="sample_topp")
-        c1, c2, c3, c4 = st.columns(4)
         n = c1.number_input("Samples per prompt", 1, 100_000, 8, key="sample_n")
-        max_tokens = c2.number_input("Max new tokens", 16, 20_000, 3000, key="sample_max_tokens")
-        seed = c3.number_input("Seed", 0, 2**31 - 1, 1337, key="sample_seed")
-        device = c4.selectbox("Device", ["auto", "cpu", "cuda"], key="sample_device")
+        seed = c2.number_input("Seed", 0, 2**31 - 1, 1337, key="sample_seed")
+        device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="sample_device")
         default_name = f"{(prompts[0].formula or 'unconditional')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         name = st.text_input("Sample set name", value=default_name, key="sample_name")
         go_ = st.form_submit_button("Generate", icon=":material/auto_awesome:", key="sample_generate")
@@ -101,8 +140,7 @@ with st.expander("Generate", expanded=True):
             out = s.samples_dir / name
             if out.exists():
                 raise InputError(f"sample set {name!r} already exists; choose another name")
-            argv = ["sample", "--ckpt", str(ckpt), "--n", str(int(n)), "--temperature", str(temperature),
-                    "--top-k", str(int(top_k)), "--top-p", str(top_p), "--max-new-tokens", str(int(max_tokens)),
+            argv = ["sample", "--ckpt", str(ckpt), "--n", str(int(n)), *knob_argv(knobs, CrystaLLMGPT_KNOBS),
                     "--seed", str(int(seed)), "--device", device, "--out", str(out)]
             if formula:
                 argv += ["--prompt", formula.strip()]
@@ -110,13 +148,23 @@ with st.expander("Generate", expanded=True):
                 argv += ["--z", str(z)]
             if sg:
                 argv += ["--sg", sg]
-            common.launch(argv, "sample", name, target=out)
-            st.session_state["sample_view"] = str(out)
+            same = common.identical_job("sample", argv)
+            if same is not None:  # the same request again (a second press): follow the first, start nothing
+                same_dir, same_state = same
+                st.session_state["job_sample"] = str(same_dir)
+                st.session_state["sample_view"] = str(same_state.get("target") or same_dir)
+                st.info(f"The same request (checkpoint, prompt, knobs and seed) is already {same_state['state']} "
+                        f"as {same_dir.name!r}; showing it instead of sampling the same crystals twice. Change "
+                        "the seed for new samples.", icon=":material/content_copy:")
+            else:
+                common.launch(argv, "sample", name, target=out)
+                st.session_state["sample_view"] = str(out)
 
 job = common.current_job("sample")
 if job is not None and jobs.job_state(job)["state"] == "running":
     @st.fragment(run_every=common.POLL_S)
     def _progress() -> None:
+        common.following_note("sample")
         state = jobs.job_state(job)
         if state["state"] != "running":
             st.rerun(scope="app")
@@ -148,8 +196,8 @@ summary = read_json(set_dir / "eval_summary.json", {}) or {}
 df = _table(str(set_dir), (set_dir / "samples.jsonl").stat().st_mtime
             + ((set_dir / "eval.csv").stat().st_mtime if (set_dir / "eval.csv").exists() else 0))
 samp = cfg.get("sampling", {})
-st.caption(f"prompt {cfg.get('prompt', {}).get('label')} | T {samp.get('temperature')} | top-k "
-           f"{samp.get('top_k')} | top-p {samp.get('top_p')} | seed {samp.get('seed')} | checkpoint "
+st.caption(f"prompt {cfg.get('prompt', {}).get('label')} | {knobs_text(samp)} | seed {samp.get('seed')} | "
+           f"{cfg.get('checkpoint', {}).get('family') or 'crystallm-gpt'} checkpoint "
            f"{cfg.get('checkpoint', {}).get('path')} (step {cfg.get('checkpoint', {}).get('step')}) | "
            f"{cfg.get('samples_per_s')} samples/s on {cfg.get('device')}")
 counts = df["badge"].value_counts()
@@ -163,19 +211,60 @@ BADGES = {"valid": ":green-badge[:material/check: valid]", "invalid": ":orange-b
           "unparsable": ":red-badge[:material/close: unparsable]", "not evaluated": ":gray-badge[not evaluated]"}
 pages = max(1, -(-len(df) // PER_PAGE))
 page = st.number_input(f"Gallery page (of {pages})", 1, pages, 1, key="sample_page") if pages > 1 else 1
+
+
+def _viewable(row) -> bool:
+    """A sample whose processed CIF was read as a structure (a post-processed CIF can still fail to parse)."""
+    return bool(row.get("postprocess_ok", False)) and row["badge"] != "unparsable"
+
+
+def _show_sample(row) -> None:
+    """One sample where the user is looking: its 3D view and CIF, or the raw text of one that does not parse."""
+    formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else ""
+    st.markdown(f"**#{row['index']}** {formula_} · {spacegroup_label(row.get('spacegroup')) or '?'} "
+                f"{BADGES.get(row['badge'], '')}")
+    why = dashboard.sample_reason(row)
+    if why:
+        st.caption(f"Why: {why}")
+    if not _viewable(row):
+        raw = set_dir / "raw" / f"{row['name']}.txt"
+        st.caption("The generated text, as the model wrote it (it could not be read as a crystal):")
+        st.code(raw.read_text(encoding="utf-8", errors="replace") if raw.exists() else "(no raw text saved)",
+                language=None, height=420)
+        return
+    cif_path = set_dir / "processed" / f"{row['name']}.cif"
+    cif = cif_path.read_text(encoding="utf-8")
+    left, right = st.columns([3, 2])
+    with left:
+        with common.user_errors(stop=False):
+            common.structure_view(load_structure(cif, label=cif_path.name), key="sample_view3d", height=520)
+    with right:
+        st.code(cif, language=None, height=480)
+        b1, b2 = st.columns(2)
+        b1.download_button("CIF", cif, f"{set_dir.name}-{row['name']}.cif", key="sample_cif",
+                           icon=":material/download:")
+        if b2.button("Open in Structure", key="sample_open", icon=":material/open_in_new:"):
+            st.session_state["structure_ref"] = json.dumps({"set": str(set_dir), "name": row["name"]})
+            st.switch_page("pages/structure.py")
+
+
+# "View" opens the sample in a dialog over the gallery, where the user is looking (not 1,000 px below it).
+sample_dialog = st.dialog("Sample", width="large")(_show_sample)
+picked = None
 cols = st.columns(4)
 for k, (_, row) in enumerate(df.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].iterrows()):
     with cols[k % 4].container(border=True):
         formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else "?"
-        sg_ = row.get("spacegroup") if isinstance(row.get("spacegroup"), str) else "?"
+        sg_ = spacegroup_label(row.get("spacegroup")) or "?"
         st.markdown(f"**#{row['index']}** {formula_} · {sg_}  \n{BADGES.get(row['badge'], row['badge'])}")
-        if row["badge"] == "unparsable":
-            why = row.get("failure_reason") if isinstance(row.get("failure_reason"), str) else None
-            why = why or (row.get("postprocess_reason") if isinstance(row.get("postprocess_reason"), str) else None)
-            st.caption(why.replace("_", " ") if why else "could not be read")
-        if st.button("View", key=f"sample_pick_{row['index']}", disabled=row["badge"] == "unparsable"
-                     or not row.get("postprocess_ok", False)):
-            st.session_state["sample_selected"] = int(row["index"])
+        why = dashboard.sample_reason(row)
+        if why:
+            st.caption(why if len(why) <= 140 else why[:139] + "…", help=why)
+        label = "View" if _viewable(row) else "Raw text"
+        if st.button(label, key=f"sample_pick_{row['index']}"):
+            picked = row
+if picked is not None:
+    sample_dialog(picked)
 
 with st.expander(f"Table of all {len(df)} samples"):
     shown = [c for c in ("index", "badge", "reduced_formula", "spacegroup", "stated_spacegroup", "n_atoms",
@@ -189,32 +278,6 @@ d1.download_button("All CIFs (zip)", dashboard.sample_set_zip(set_dir), f"{set_d
 if (set_dir / "eval.csv").exists():
     d2.download_button("Evaluation CSV", (set_dir / "eval.csv").read_bytes(), f"{set_dir.name}-eval.csv",
                        mime="text/csv", key="sample_csv", icon=":material/download:")
-
-# --- one structure -------------------------------------------------------------------------------------------
-# Only samples that were read as a structure can be viewed (a post-processed CIF can still fail to parse).
-ok = df[df["postprocess_ok"].astype(bool) & (df["badge"] != "unparsable")] if "postprocess_ok" in df.columns \
-    else df.iloc[0:0]
-if ok.empty:
+if "postprocess_ok" in df.columns and not any(_viewable(r) for _, r in df.iterrows()):
     st.warning("No sample of this set could be read as a crystal structure; try a lower temperature, more "
                "max new tokens or a better-trained checkpoint.")
-    st.stop()
-sel = st.session_state.get("sample_selected")
-if sel not in set(ok["index"]):
-    sel = int(ok["index"].iloc[0])
-row = ok[ok["index"] == sel].iloc[0]
-cif_path = set_dir / "processed" / f"{row['name']}.cif"
-cif = cif_path.read_text(encoding="utf-8")
-formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else ""
-st.subheader(f"Sample #{sel}: {formula_} {BADGES.get(row['badge'], '')}")
-left, right = st.columns([3, 2])
-with left:
-    with common.user_errors(stop=False):
-        common.structure_view(load_structure(cif, label=cif_path.name), key="sample_view3d")
-with right:
-    st.code(cif, language=None, height=360)
-    b1, b2 = st.columns(2)
-    b1.download_button("CIF", cif, f"{set_dir.name}-{row['name']}.cif", key="sample_cif",
-                       icon=":material/download:")
-    if b2.button("Open in Structure", key="sample_open", icon=":material/open_in_new:"):
-        st.session_state["structure_ref"] = json.dumps({"set": str(set_dir), "name": row["name"]})
-        st.switch_page("pages/structure.py")

@@ -122,7 +122,7 @@ info = analysis.lattice_info(structure)
 st.subheader(f"{info['reduced_formula']} ({info['formula']}) · {label}")
 left, right = st.columns([3, 2])
 with left:
-    common.structure_view(structure, key="structure_view3d", height=460)
+    common.structure_view(structure, key="structure_view3d", height=600)
 with right:
     symprec = st.select_slider("Symmetry tolerance (Å)", [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5], value=0.1,
                                key="structure_symprec", help="spglib symprec; CrystaLLM's checks use 0.1 Å")
@@ -148,12 +148,16 @@ with right:
 
 tab_sites, tab_bonds, tab_xrd, tab_src = st.tabs(["Sites", "Bonds", "Powder XRD", "Provenance"])
 with tab_sites:
-    sites = analysis.sites_table(structure)
+    decimals = analysis.cif_precision(cif)
+    sites = analysis.sites_table(structure, decimals=decimals)
     if sym and sym["site_wyckoff"]:
         sites.insert(2, "Wyckoff", sym["site_wyckoff"])
-    st.dataframe(sites.rename(columns={"x": "x (frac)", "y": "y (frac)", "z": "z (frac)", "cart_x": "x (Å)",
-                                       "cart_y": "y (Å)", "cart_z": "z (Å)"}),
-                 hide_index=True, key="structure_sites")
+    frac_fmt = f"%.{decimals}f"  # the CIF's own precision: no float noise, no cut digits
+    sites = sites.rename(columns={"x": "x (frac)", "y": "y (frac)", "z": "z (frac)", "cart_x": "x (Å)",
+                                  "cart_y": "y (Å)", "cart_z": "z (Å)"})
+    st.dataframe(sites, hide_index=True, key="structure_sites", column_config={
+        **{c: st.column_config.NumberColumn(c, format=frac_fmt) for c in ("x (frac)", "y (frac)", "z (frac)")},
+        **{c: st.column_config.NumberColumn(c, format="%.4f") for c in ("x (Å)", "y (Å)", "z (Å)")}})
 with tab_bonds:
     with common.user_errors(stop=False):
         bonds = _bonds(cif)

@@ -3,6 +3,7 @@ loss curves, learning rate, throughput, ETA, device memory, the run's log, and a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -13,12 +14,40 @@ from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.runs import RunFolder
 from engine.lab.settings import REPO_ROOT
-from engine.train.config import load_config
+from engine.train.config import load_config, preset_measured
 from pages import common
 
 st.title("Train")
 s = common.settings()
 PRESETS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s"
+
+
+def _expected_duration(preset: Path, steps: int) -> str:
+    """What the preset's header measured, said for this machine's kind of device and its load now."""
+    measured = preset_measured(preset)
+    device = common.device_summary()["device"]
+    if measured is None:
+        return "No measured duration in this preset's header."
+    if measured["device"] != device:
+        return (f"Measured on {measured['device'].upper()} only ({measured['text']}); no figure for this "
+                f"machine's {device.upper()}.")
+    per_step = measured["seconds"] / measured["steps"]
+    text = f"Expected on this machine's kind of device: about {_eta(per_step * steps)} for {steps:,} steps " \
+           f"({measured['text']})."
+    if device == "cpu":
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            text += (f" The load now is {load:.1f} on {cores} cores: expect up to {load / cores:.1f}x longer "
+                     "(the ETA below measures it once the run starts).")
+    return text
+
 
 # --- launch --------------------------------------------------------------------------------------------------
 with st.expander("Launch a run", expanded=not common.train_runs()):
@@ -48,6 +77,7 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
         preset = st.selectbox("Preset", PRESETS, index=default, format_func=lambda p: p.stem, key="train_preset")
         with common.user_errors():
             base = load_config(preset)
+        st.caption(_expected_duration(preset, base.max_iters))
         init_ckpt = None
         if mode == "finetune":
             init_ckpt = common.pick_path("Checkpoint to fine-tune", common.checkpoints(), key="train_ckpt",
@@ -127,6 +157,7 @@ if watch and Path(watch) not in runs and (pending_job / jobs.JOB_FILE).exists():
     # to the run's live view as soon as its folder appears (or show why the job ended).
     @st.fragment(run_every=common.POLL_S)
     def _pending() -> None:
+        common.following_note("train")
         state = common.job_panel(pending_job, key="train_pending")
         if (Path(watch) / "status.json").exists() or state["state"] != "running":
             st.rerun(scope="app")
@@ -141,14 +172,6 @@ if watch and Path(watch) in runs:
     common.follow("train_run", Path(watch))
 run_dir = st.selectbox("Run", runs, format_func=lambda p: p.name, key="train_run")
 job_dir = common.jobs_root("train") / run_dir.name
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, sec = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s"
 
 
 def _panel() -> str:
@@ -178,11 +201,17 @@ def _panel() -> str:
     df = dashboard.metrics_frame(run_dir)
     left, right = st.columns(2)
     fig = go.Figure()
-    for split, dash in (("train", None), ("val", "dot")):
-        part = df[df["split"] == split]
-        if len(part):
-            fig.add_trace(go.Scatter(x=part["step"], y=part["loss"], name=split, mode="lines+markers",
-                                     line={"dash": dash}, marker={"size": 4}))
+    train_part, val_part = df[df["split"] == "train"], df[df["split"] == "val"].dropna(subset=["loss"])
+    if len(train_part):
+        fig.add_trace(go.Scatter(x=train_part["step"], y=train_part["loss"], name="train", mode="lines"))
+    if len(val_part):
+        # Evaluations are points: two of them (steps 0 and 350) joined by a line read as a trend that was never
+        # measured, so a line joins them only once there are three; the best so far is a step line.
+        fig.add_trace(go.Scatter(x=val_part["step"], y=val_part["loss"], name="val",
+                                 mode="lines+markers" if len(val_part) >= 3 else "markers",
+                                 line={"dash": "dot"}, marker={"size": 9, "symbol": "diamond"}))
+        fig.add_trace(go.Scatter(x=val_part["step"], y=val_part["loss"].cummin(), name="best val so far",
+                                 mode="lines", line={"shape": "hv", "width": 1}))
     fig.update_layout(title="Loss (nats/token)", xaxis_title="step", height=320, margin={"t": 40})
     left.plotly_chart(fig, key="train_loss_chart")
     train = df[df["split"] == "train"]
@@ -219,6 +248,7 @@ def _active() -> bool:
 if _active():
     @st.fragment(run_every=common.POLL_S)
     def _live() -> None:
+        common.following_note("train")
         _panel()
         if not _active():
             st.rerun(scope="app")

@@ -72,20 +72,45 @@ def training_progress(run_dir: str | os.PathLike) -> dict:
         "fraction": min(1.0, step / max_steps) if max_steps else 0.0,
         "train_loss": float(train["loss"].iloc[-1]) if len(train) else None,
         "val_loss": float(val["loss"].iloc[-1]) if len(val) else None,
-        "best_val_loss": status.get("best_val_loss"),
+        # The best validation loss so far, from the evaluations themselves: status.json only records it when a
+        # checkpoint is saved, which left "-" on screen for a whole run whose step 0 was evaluated.
+        "best_val_loss": min([float(v) for v in val["loss"].dropna()]
+                             + ([float(status["best_val_loss"])] if status.get("best_val_loss") is not None
+                                else []), default=None),
         "lr": float(train["lr"].iloc[-1]) if len(train) else None,
         "tokens_per_s": float(train["tokens_per_s"].iloc[-1]) if len(train) else None,
         "device": status.get("device"),
         "eta_s": None,
     }
-    if out["state"] == "running" and len(train) >= 2 and max_steps > step:
-        # Rate over the records since the latest (re)start: elapsed_s restarts from 0 on resume.
-        recent = train.iloc[-min(len(train), 20):]
-        d_step = recent["step"].iloc[-1] - recent["step"].iloc[0]
-        d_time = recent["elapsed_s"].iloc[-1] - recent["elapsed_s"].iloc[0]
-        if d_step > 0 and d_time > 0:
-            out["eta_s"] = float(d_time / d_step * (max_steps - step))
+    if out["state"] == "running" and len(train) and max_steps > step:
+        out["eta_s"] = _eta_s(df, step, max_steps)
     return out
+
+
+def _eta_s(df: pd.DataFrame, step: int, max_steps: int) -> float | None:
+    """Seconds left, from the wall time per step measured since the latest (re)start, evaluations included.
+
+    ``elapsed_s`` restarts from 0 on resume, so only the records after its last drop count. With two or more
+    training records, their wall time per step (which includes the evaluations between them, and whatever
+    else loads the machine) is extrapolated; with only the first, the time it took to reach it, which also
+    holds the start-up and the step-0 evaluation, so the first estimate errs long rather than short.
+    """
+    recs = df.dropna(subset=["elapsed_s"])
+    if recs.empty:
+        return None
+    elapsed = recs["elapsed_s"].to_numpy(float)
+    restart = int(max((i for i in range(1, len(elapsed)) if elapsed[i] < elapsed[i - 1]), default=0))
+    train = recs.iloc[restart:]
+    train = train[train["split"] == "train"]
+    if len(train) >= 2:
+        d_step = train["step"].iloc[-1] - train["step"].iloc[0]
+        d_time = recs["elapsed_s"].iloc[-1] - train["elapsed_s"].iloc[0]  # up to the newest record of any kind
+        if d_step > 0 and d_time > 0:
+            return float(d_time / d_step * (max_steps - step))
+    if len(train) == 1 and train["step"].iloc[0] > 0 and train["elapsed_s"].iloc[0] > 0:
+        first_step = int(train["step"].iloc[0])
+        return float(train["elapsed_s"].iloc[0] / first_step * (max_steps - step))
+    return None
 
 
 def gpu_memory() -> list[dict] | None:
@@ -108,6 +133,35 @@ def gpu_memory() -> list[dict] | None:
         gpus.append({"index": int(idx), "name": name, "used_gb": float(used) / 1024,
                      "total_gb": float(total) / 1024})
     return gpus
+
+
+def model_card(path: str | os.PathLike) -> dict:
+    """What the Sample page shows about a checkpoint before sampling, for any model family, without loading it.
+
+    Returns:
+        ``family``, ``knobs`` (the family's `engine.models.family.Knob` tuple), ``problem`` (why it cannot be
+        used, or None) and ``caption`` (one line: step, parameters, context, best validation loss).
+
+    Raises:
+        CheckpointError: the file cannot be read as a checkpoint.
+    """
+    from engine.models.checkpoint import checkpoint_info, read_meta
+    from engine.models.family import DEFAULT_FAMILY, get_family, peek_family
+
+    family = peek_family(path)
+    cls = get_family(family)
+    if family == DEFAULT_FAMILY:
+        info = checkpoint_info(path)
+        best = info["best_val_loss"]
+        caption = (f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
+                   f"{info['model_args'].get('block_size')} | best val loss "
+                   f"{'-' if best is None else format(best, '.4f')}"
+                   + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
+        return {"family": family, "knobs": cls.knobs, "problem": info["problem"], "caption": caption}
+    meta = read_meta(Path(path))
+    caption = f"{family} model" + (f" | run {meta['run']}" if meta.get("run") else "") + (
+        f" | step {meta['step']:,}" if isinstance(meta.get("step"), int) else "")
+    return {"family": family, "knobs": cls.knobs, "problem": None, "caption": caption}
 
 
 def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
@@ -163,6 +217,42 @@ def sample_table(set_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def sample_reason(row: dict | pd.Series) -> str | None:
+    """Why a sample of :func:`sample_table` is not valid, in a few words a card can show; None when valid.
+
+    Unparsable: the evaluation's failure reason and detail, else the post-processing reason. Invalid: each
+    CrystaLLM check that failed (formula, multiplicities, bond lengths, space group) or the sanity reason
+    (e.g. an absurd volume per atom).
+    """
+    badge = row.get("badge")
+    if badge in ("valid", "not evaluated"):
+        return None
+    if badge == "unparsable":
+        reason = _text(row.get("failure_reason")) or _text(row.get("postprocess_reason")) or "could not be read"
+        detail = _text(row.get("failure_detail")) or _text(row.get("postprocess_error"))
+        return reason.replace("_", " ") + (f": {detail}" if detail else "")
+    if _text(row.get("failure_reason")):
+        detail = _text(row.get("failure_detail"))
+        return row["failure_reason"].replace("_", " ") + (f": {detail}" if detail else "")
+    failed = []
+    if row.get("formula_consistent") is False or row.get("formula_consistent") == 0:
+        failed.append("formula inconsistent with its stated formula")
+    if row.get("multiplicity_consistent") is False or row.get("multiplicity_consistent") == 0:
+        failed.append("site multiplicities inconsistent")
+    score = row.get("bond_length_score")
+    if score is None or (isinstance(score, float) and pd.isna(score)):
+        failed.append("bond lengths not scored")
+    elif float(score) < 1.0:
+        failed.append(f"bond lengths: {float(score):.0%} reasonable (needs 100%)")
+    if row.get("space_group_consistent") is False or row.get("space_group_consistent") == 0:
+        failed.append(f"space group: states {row.get('stated_spacegroup')}, is {row.get('spacegroup')}")
+    return "; ".join(failed) or "a validity check failed"
+
+
 def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
     """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files."""
     import io
@@ -180,10 +270,33 @@ def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
     return buf.getvalue()
 
 
+def extend_data_dirs(dirs: list[str] | None) -> None:
+    """Add ``--data-dir`` folders to ``CRYSTALLAB_DATA_DIRS`` (this process, hence the Streamlit server it
+    becomes), so the dashboard may read files from them.
+
+    Raises:
+        InputError: a folder does not exist.
+    """
+    from engine.lab.errors import InputError
+
+    extra = []
+    for d in dirs or []:
+        path = Path(d).expanduser().resolve()
+        if not path.is_dir():
+            raise InputError(f"--data-dir {d}: no such folder; give an existing folder the dashboard may read from")
+        extra.append(str(path))
+    if extra:
+        current = [p for p in os.environ.get("CRYSTALLAB_DATA_DIRS", "").split(os.pathsep) if p.strip()]
+        os.environ["CRYSTALLAB_DATA_DIRS"] = os.pathsep.join(dict.fromkeys(current + extra))
+
+
 def _run(args: argparse.Namespace) -> int:
+    extend_data_dirs(args.data_dir)
     if ensure_3dmol_js(download=not args.offline) is None:
         print(f"warning: {asset_status()}; 3D views will fall back to a simple plot", file=sys.stderr)
     settings = get_settings()
+    if settings.data_dirs:
+        print(f"crystallab dashboard: may also read {', '.join(map(str, settings.data_dirs))}", file=sys.stderr)
     print(f"crystallab dashboard: runs in {settings.runs_dir}; open http://{args.address}:{args.port}/"
           f"{args.base_url_path.strip('/')}", file=sys.stderr)
     cmd = streamlit_command(args.port, args.address, args.base_url_path)
@@ -199,6 +312,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1; use an SSH tunnel to reach it remotely)")
     p.add_argument("--base-url-path", default="", help="serve under this URL path, e.g. 'lab' for /lab/")
+    p.add_argument("--data-dir", action="append", metavar="DIR",
+                   help="a folder the dashboard may read user files from (repeatable; added to "
+                        "CRYSTALLAB_DATA_DIRS), e.g. ../shared/data for the structure-prediction targets")
     p.add_argument("--offline", action="store_true",
                    help="do not try to fetch 3Dmol.js from the npm registry if it is not cached")
     p.set_defaults(func=_run)

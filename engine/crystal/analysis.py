@@ -9,8 +9,11 @@ d / expected < 2.5 when hydrogen takes part.
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 
+import numpy as np
 import pandas as pd
 import spglib
 from pymatgen.analysis.diffraction.xrd import XRDCalculator
@@ -33,9 +36,24 @@ def load_structure(cif_text: str, label: str = "CIF") -> Structure:
     """
     structure, reason, detail = checks.parse_structure(cif_text)
     if structure is None:
-        raise InputError(f"{label} cannot be read as a crystal structure ({reason}: {detail}); "
-                         "check that it is a complete CIF")
+        raise InputError(f"{label} cannot be read as a crystal structure: {_what_is_wrong(reason, detail)}; "
+                         "check that it is a complete CIF (a data_ line, cell lengths and angles, and an "
+                         "_atom_site loop with element and fractional coordinates)")
     return structure
+
+
+def _what_is_wrong(reason: str | None, detail: str | None) -> str:
+    """pymatgen's parser messages (several lines, quoted key names) said in one clause."""
+    detail = " ".join((detail or "").split())
+    missing = re.findall(r"'(_[a-z_]+)'", detail)
+    if reason == "parse_error" and "no structures" in detail.lower():
+        return "no crystal structure was found in the text"
+    if missing:
+        return f"the CIF key {', '.join(dict.fromkeys(missing))} is missing or unreadable"
+    if reason == "unknown_element":
+        return detail or "an element symbol is not known"
+    first = re.split(r"(?<=[.!?])\s", detail, maxsplit=1)[0] if detail else (reason or "unknown reason")
+    return first.rstrip(".")[:160]
 
 
 def _guard_size(structure: Structure) -> None:
@@ -109,6 +127,22 @@ def symmetry(structure: Structure, symprec: float = 0.1, angle_tolerance: float 
                 "error": f"symmetry undetermined at symprec {symprec} Å: {exc}"}
 
 
+@functools.cache
+def spacegroup_label(symbol: object) -> str | None:
+    """A space-group symbol as charts and cards show it, with its number: ``"P6_3/mmc (194)"``.
+
+    Symbols pymatgen does not know are returned as given; None and NaN (no space group found) give None.
+    """
+    if not isinstance(symbol, str) or not symbol.strip():
+        return None
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    try:
+        return f"{symbol} ({SpaceGroup(symbol).int_number})"
+    except ValueError:
+        return symbol
+
+
 def conventional_cell(structure: Structure, symprec: float = 0.1, angle_tolerance: float = 5.0) -> Structure | None:
     """The same crystal in its conventional standard cell (International Tables setting, spglib's choice).
 
@@ -155,15 +189,43 @@ def lattice_info(structure: Structure) -> dict:
     }
 
 
-def sites_table(structure: Structure) -> pd.DataFrame:
-    """One row per site: element, fractional and Cartesian (Å) coordinates, occupancy."""
+_CIF_NUMBER = re.compile(r"^[-+]?\d*\.(\d+)(\(\d+\))?$")
+
+
+def cif_precision(cif_text: str, default: int = 6) -> int:
+    """Decimal places of the fractional coordinates a CIF gives (the most any of them has; 4 to 10).
+
+    Read from the ``_atom_site`` loop: the values after the ``_atom_site_fract_x`` header up to the next loop.
+    ``default`` when the text has no such loop (a structure that did not come from CIF text).
+    """
+    decimals, in_sites = [], False
+    for line in cif_text.splitlines():
+        s = line.strip()
+        if s.startswith("_atom_site_fract_"):
+            in_sites = True
+        elif in_sites and (s.startswith("loop_") or s.startswith("data_")):
+            break
+        elif in_sites and s and not s.startswith("_"):
+            decimals += [len(m.group(1)) for tok in s.split() if (m := _CIF_NUMBER.match(tok))]
+    return min(max(max(decimals), 4), 10) if decimals else default
+
+
+def sites_table(structure: Structure, decimals: int = 6) -> pd.DataFrame:
+    """One row per site: element, fractional and Cartesian (Å) coordinates, occupancy.
+
+    Args:
+        decimals: fractional coordinates are rounded to this many places (:func:`cif_precision` of the CIF the
+            structure was read from), Cartesian ones to 4 (1e-4 Å), so parsing noise such as
+            ``2e-16`` reads 0.
+    """
     rows = []
     for i, site in enumerate(structure):
+        f, c = np.round(site.frac_coords, decimals) + 0.0, np.round(site.coords, 4) + 0.0  # + 0.0: no "-0.0"
         rows.append({
             "site": i,
             "element": site.species_string,
-            "x": site.frac_coords[0], "y": site.frac_coords[1], "z": site.frac_coords[2],
-            "cart_x": site.coords[0], "cart_y": site.coords[1], "cart_z": site.coords[2],
+            "x": f[0], "y": f[1], "z": f[2],
+            "cart_x": c[0], "cart_y": c[1], "cart_z": c[2],
             "occupancy": float(sum(site.species.values())),
         })
     return pd.DataFrame(rows)
@@ -188,8 +250,10 @@ def neighbour_bonds(structure: Structure) -> pd.DataFrame:
 
     Returns:
         One row per (site, neighbour) bond: ``site, element, neighbour, distance`` (Å), ``expected`` (Å),
-        ``ratio`` (distance / expected), ``ionic``, ``reasonable``. Each bond appears once from each end and
-        bonds from a site to its own periodic image are left out, as in the CrystaLLM score.
+        ``ratio`` (distance / expected), ``ionic``, ``reasonable``, ``neighbour_site`` (index of the neighbour's
+        site in ``structure``) and ``image`` (the lattice translation, in cells along a, b, c, that carries that
+        site onto the neighbour: ``(0, 0, -1)`` is the neighbour one cell below). Each bond appears once from
+        each end and bonds from a site to its own periodic image are left out, as in the CrystaLLM score.
     """
     _guard_size(structure)
     nn = CrystalNN()
@@ -207,10 +271,13 @@ def neighbour_bonds(structure: Structure) -> pd.DataFrame:
                 expected, ionic = expected_bond_length(el1, el2)
                 ratio = dist / expected
                 ok = ratio < checks.H_BOND_FACTOR if "H" in (el1, el2) else lo < ratio < hi
+                j = int(info["site_index"])
+                image = tuple(int(v) for v in np.round(other.frac_coords - structure[j].frac_coords))
                 rows.append({"site": i, "element": el1, "neighbour": el2, "distance": dist,
-                             "expected": expected, "ratio": ratio, "ionic": ionic, "reasonable": bool(ok)})
+                             "expected": expected, "ratio": ratio, "ionic": ionic, "reasonable": bool(ok),
+                             "neighbour_site": j, "image": image})
     return pd.DataFrame(rows, columns=["site", "element", "neighbour", "distance", "expected", "ratio",
-                                       "ionic", "reasonable"])
+                                       "ionic", "reasonable", "neighbour_site", "image"])
 
 
 def bond_summary(bonds: pd.DataFrame) -> pd.DataFrame:

@@ -344,24 +344,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-_KNOB_LABELS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "max_new_tokens": "max new tokens"}
-
-
-def _knob_text(sampling: dict) -> str:
-    """The sampling knobs of a run as prose (``temperature 1.0, top-k 10, ..., element constraints on``)."""
-    parts = []
-    for key, value in sampling.items():
-        if key in ("k", "seed", "with_spacegroup"):
-            continue
-        if key == "constrain":
-            parts.append(f"element constraints {'on' if value else 'off'}")
-        else:
-            parts.append(f"{_KNOB_LABELS.get(key, key.replace('_', ' '))} {value}")
-    return ", ".join(parts)
-
-
 def summary_markdown(summary: dict) -> str:
     """The paper-ready table of a CSP run, with its definitions and settings."""
+    from engine.models.family import knobs_text
+
     s = summary["sampling"]
     ck = summary["checkpoint"]
     rmse = "n/a" if summary["rmse"] is None else f"{summary['rmse']:.4f}"
@@ -382,7 +368,7 @@ def summary_markdown(summary: dict) -> str:
         + (f"; **partial: {summary['n_targets']} of {summary['n_targets_planned']} targets done**"
            if not summary["complete"] else "")
         + ".",
-        "Sampling: " + _knob_text(s) + f", seed {s['seed']}, prompts "
+        "Sampling: " + knobs_text(s) + f", seed {s['seed']}, prompts "
         f"{'with' if s['with_spacegroup'] else 'without'} space group"
         + (f", model family {ck['family']}" if ck.get("family") else "") + ".",
         "",

@@ -279,10 +279,11 @@ def _applies(df: pd.DataFrame, column: str) -> bool:
     return column in df and df[column].notna().any()
 
 
-def per_checkpoint_table(df: pd.DataFrame) -> pd.DataFrame:
+def per_checkpoint_table(df: pd.DataFrame, with_set: bool = False) -> pd.DataFrame:
     """One row per sample set, grouped by checkpoint (first-seen order), otherwise in the order given.
 
-    Columns: checkpoint, prompt, the varying settings, n, parsed, valid, formula hits, space-group hits (when a
+    Columns: checkpoint, [set (``with_set``: the set's name, so two sets with equal settings stay apart)], prompt,
+    the varying settings, n, parsed, valid, formula hits, space-group hits (when a
     prompt names a space group), unique (valid) (each ``k/n (p%) [95 % interval]``), space groups, novelty (when
     computed).
     """
@@ -290,6 +291,8 @@ def per_checkpoint_table(df: pd.DataFrame) -> pd.DataFrame:
     order = {c: i for i, c in enumerate(dict.fromkeys(df["checkpoint"]))}
     df = df.assign(_order=df["checkpoint"].map(order)).sort_values("_order", kind="stable")
     out = pd.DataFrame({"checkpoint": df["checkpoint"], "prompt": df["prompt"]})
+    if with_set:
+        out.insert(1, "set", df["cell"])
     for c in varying:
         out[SETTINGS[c]] = df[c].map(fmt_value)
     out["n"] = df["n"].map(fmt_count_value)

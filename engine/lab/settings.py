@@ -4,7 +4,8 @@ Paths never come from the current working directory. Defaults put everything und
 
 - ``CRYSTALLAB_RUNS``: the runs root (datasets, training runs, sample sets, sweeps). Default ``<repo>/runs``.
 - ``CRYSTALLAB_DATA_DIRS``: extra folders (``os.pathsep``-separated) the dashboard may read user files from,
-  e.g. a folder of CIFs or a CrystaLLM ``ckpt.pt``. The runs root is always allowed.
+  e.g. a folder of CIFs or a CrystaLLM ``ckpt.pt``. The runs root is always allowed. ``crystallab dashboard
+  --data-dir DIR`` (repeatable) adds to it.
 - ``CRYSTALLAB_CACHE``: cache for generated/fetched assets (built-in corpus, 3Dmol.js). Default
   ``~/.cache/crystallab``.
 """
@@ -77,7 +78,8 @@ class Settings:
         roots = ", ".join(str(r) for r in self.allowed_roots)
         raise PathNotAllowed(
             f"{p} is outside the folders this lab may read ({roots}). "
-            "Add its folder to CRYSTALLAB_DATA_DIRS (separated by ':') and restart the dashboard."
+            "Add its folder with `crystallab dashboard --data-dir FOLDER` (or CRYSTALLAB_DATA_DIRS, separated by "
+            "':') and restart the dashboard."
         )
 
 

@@ -343,6 +343,40 @@ def family_info(name: str) -> FamilyInfo:
     return FamilyInfo(cls.family, cls.text_format, tuple(cls.knobs))
 
 
+_KNOB_LABELS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "max_new_tokens": "max new tokens"}
+_NOT_KNOBS = ("n", "k", "seed", "batch_size", "with_spacegroup", "allowed_elements", "constrain_spacegroup",
+              "use_cache")
+
+
+def knobs_text(sampling: Mapping[str, Any]) -> str:
+    """A run's sampling knobs as prose for captions and reports (``temperature 1.0, top-k 10, ...``)."""
+    parts = []
+    for key, value in sampling.items():
+        if key in _NOT_KNOBS:
+            continue
+        if key == "constrain":
+            parts.append(f"element constraints {'on' if value else 'off'}")
+        else:
+            parts.append(f"{_KNOB_LABELS.get(key, key.replace('_', ' '))} {value}")
+    return ", ".join(parts)
+
+
+def knob_argv(knobs: Mapping[str, Any], flag_knobs: Sequence[Knob]) -> list[str]:
+    """Command-line arguments that ask a sampling command for ``knobs`` (inverse of `knobs_from_args`)."""
+    named = {k.name: k for k in flag_knobs}
+    argv: list[str] = []
+    for name, value in knobs.items():
+        knob = named.get(name)
+        if knob is None:
+            argv += ["--knob", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]
+        elif knob.kind == "bool":
+            if bool(value) != bool(knob.default):
+                argv.append(f"--no-{name.replace('_', '-')}" if knob.default else f"--{name.replace('_', '-')}")
+        elif value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command-line flags for knobs
 

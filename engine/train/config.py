@@ -584,3 +584,35 @@ def field_docs() -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
     return {f.name: docs.get(f.name, "") for f in fields(TrainConfig)}
+
+
+_MEASURED = re.compile(r"(?P<steps>\d[\d,]*) steps in (?P<value>\d+(?:\.\d+)?) ?(?P<unit>s|min|h)\b")
+_UNIT_S = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def preset_measured(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The measured training time a preset's header states (``# Measured ...: 350 steps in 4.3 min``), if any.
+
+    Returns:
+        ``{"steps", "seconds", "device"}`` (``"cpu"`` when the header says CPU, core(s) or laptop, else
+        ``"cuda"``) and ``"text"``: the header's sentence from "Measured" on, up to the first semicolon or
+        colon after the figure; None when the header gives no measured figure.
+    """
+    header = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").rstrip())
+    text = " ".join(header)
+    start = text.find("Measured")
+    if start < 0:
+        return None
+    sentence = text[start:]
+    match = _MEASURED.search(sentence)
+    if match is None:
+        return None
+    ends = [i for i in (sentence.find(";", match.end()), sentence.find(":", match.end())) if i >= 0]
+    sentence = sentence[: min(ends) if ends else match.end()].rstrip(".,")
+    device = "cpu" if re.search(r"\bCPU\b|\bcores?\b|laptop", sentence) else "cuda"
+    return {"steps": int(match["steps"].replace(",", "")), "seconds": float(match["value"]) * _UNIT_S[match["unit"]],
+            "device": device, "text": sentence}

@@ -132,3 +132,16 @@ def test_bond_table_agrees_with_the_validity_score(nacl):
 def test_unreadable_cif_is_a_user_error():
     with pytest.raises(InputError, match="cannot be read"):
         analysis.load_structure("data_x\n_cell_length_a 3\n", label="upload.cif")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("hello world", "no crystal structure was found in the text"),
+    ("data_x\n_cell_length_a 5\n_cell_length_b 5\n_cell_length_c 5\n_cell_angle_alpha 90\n_cell_angle_beta 90\n"
+     "_cell_angle_gamma 90\nloop_\n_atom_site_type_symbol\n_atom_site_fract_x\nNa 0\n",
+     "the CIF key _atom_site_label is missing or unreadable"),
+])
+def test_a_bad_cif_is_refused_in_one_sentence(text, says):
+    with pytest.raises(InputError) as err:
+        analysis.load_structure(text, label="pasted CIF")
+    message = str(err.value)
+    assert "\n" not in message and says in message and message.count(";") == 1

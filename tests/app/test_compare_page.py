@@ -133,3 +133,20 @@ def test_sample_sets_mode_starts_from_the_sample_pages_sets():
     assert picker.value == [mine_new, mine_old]
     assert len(picker.options) == 6  # the sweep cells are still offered
     assert list(at.table[0].value["prompt"]) == ["K4Cl4", "Na4Cl4"]
+
+
+def test_sets_with_equal_settings_are_told_apart_in_tables_and_distribution_plots():
+    """Two sets of one checkpoint and prompt (e.g. the same request twice, or T 0.5 and T 1.0) are two rows and
+    two bar colours, named by the set, not merged under their checkpoint."""
+    s = get_settings()
+    first = _sample_set(s.samples_dir / "nacl-a", parsed=4, valid=4, mtime=1_000_000)
+    second = _sample_set(s.samples_dir / "nacl-b", parsed=2, valid=1, mtime=1_100_000)
+    at = open_page("pages/compare.py")
+    at.radio(key="compare_mode").set_value("Sample sets").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert list(at.table[0].value["set"]) == ["nacl-b", "nacl-a"]  # the names the Sample page gave them
+    charts = {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+              for c in at.get("plotly_chart")}
+    sgs = charts["Detected space groups per compared set"]
+    assert sorted(trace["name"] for trace in sgs["data"]) == [first.name, second.name]
+    assert sgs["data"][0]["x"] == ["Fm-3m (225)"]  # space groups with their numbers

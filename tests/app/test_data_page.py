@@ -59,7 +59,7 @@ def test_build_from_uploads_shows_progress_empties_the_uploader_and_selects_the_
                                    ("MgO.cif", rock_salt_cif("Mg", "O", 4.21), "text/plain")])
     at.button(key="data_build_go").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert not at.file_uploader[0].value  # these files cannot slip into the next build
+    assert len(at.file_uploader[0].value) == 3  # kept while the build runs (and after it fails)
     if jobs.job_state(jobs_dir / "first")["state"] == "running":  # it cannot end this fast, but never flake
         infos = [i.value for i in at.info]
         assert not any("No dataset yet" in v for v in infos)
@@ -69,6 +69,7 @@ def test_build_from_uploads_shows_progress_empties_the_uploader_and_selects_the_
     assert wait_for_job(jobs_dir / "first")["state"] == "finished"
     at.run()
     assert at.selectbox(key="data_pick").value == "data/first"
+    assert not at.file_uploader[0].value  # built: these files cannot slip into the next build
 
     at.text_input(key="data_name").input("second")
     at.file_uploader[0].set_value([("CsCl.cif", rock_salt_cif("Cs", "Cl", 6.9), "text/plain"),
@@ -107,3 +108,30 @@ def test_a_name_whose_build_failed_can_be_used_again():
     assert wait_for_job(job)["state"] == "finished", jobs.tail_log(job)
     assert (get_settings().datasets_dir / "retry" / "train.bin").exists()
     assert (job / "history" / "1" / "job.json").exists()  # the failed attempt's records are kept
+
+
+def test_a_failed_upload_build_keeps_the_files_names_the_slider_and_lists_its_rejects(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    old = get_settings().datasets_dir / "old"  # a dataset already there, with no rejects
+    old.mkdir(parents=True)
+    (old / "train.bin").write_bytes(b"\x00\x00")
+    atomic_write_json(old / "stats.json", {"train_cifs": 1})
+    at = open_page("pages/data.py")
+    at.radio(key="data_kind").set_value("Upload CIFs / zip / CSV").run()
+    name = at.text_input(key="data_name").value
+    assert name.startswith("upload-")  # not "builtin", which a corpus build takes
+    at.file_uploader[0].set_value([("NaCl.cif", rock_salt_cif("Na", "Cl", 5.64), "text/plain"),
+                                   ("broken.cif", b"data_broken\n_cell_length_a 5\n", "text/plain")])
+    at.button(key="data_build_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = get_settings().runs_dir / "jobs" / "data" / name
+    assert wait_for_job(job)["state"] == "failed"  # one usable CIF cannot be split into train and validation
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    message = " ".join(e.value for e in at.error)
+    assert "Validation share" in message and "--val-fraction" not in message and "val_fraction" not in message
+    rejects = next(df.value for df in at.dataframe if "reason" in df.value.columns)
+    assert list(rejects["name"]) == ["broken.cif"] and rejects["reason"].iloc[0]
+    headers = [h.value for h in at.subheader]
+    assert "Rejects of this build (1)" in headers and not any(h.startswith("Rejects of old") for h in headers)
+    assert [f.name for f in at.file_uploader[0].value] == ["NaCl.cif", "broken.cif"]  # ready to build again

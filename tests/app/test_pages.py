@@ -3,6 +3,10 @@ readable messages, and the launch / sample / sweep buttons start real detached j
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
+
 import pytest
 from apptest_helpers import metrics, open_page, wait_for_job
 
@@ -43,15 +47,18 @@ def test_sample_page_gallery_3d_and_downloads(lab):
     m = metrics(at)
     assert m["Samples"] == "4" and int(m["Valid"]) >= 1
     assert [b.key for b in at.button if b.key.startswith("sample_pick_")] == [f"sample_pick_{i}" for i in range(4)]
+    assert not at.get("iframe")  # the 3D view opens with View, in a dialog
+    keys = {d.key for d in at.get("download_button")}
+    assert {"sample_zip", "sample_csv"} <= keys
+
+    at.button(key="sample_pick_2").click().run()
+    assert not at.exception, [e.value for e in at.exception]
     frames = at.get("iframe")
     assert len(frames) == 1
     html = frames[0].proto.srcdoc
-    assert "createViewer" in html and "cdn.jsdelivr" not in html and "Na4 Cl4" in html
-    keys = {d.key for d in at.get("download_button")}
-    assert {"sample_zip", "sample_csv", "sample_cif"} <= keys
-
-    at.button(key="sample_pick_2").click().run()
-    assert at.subheader[0].value.startswith("Sample #2")
+    assert "createViewer" in html and "cdn.jsdelivr" not in html and '"elem": "Na"' in html
+    assert "sample_cif" in {d.key for d in at.get("download_button")}
+    assert any(md.value.startswith("**#2**") for md in at.markdown)
 
 
 def test_compare_page_tables_of_the_sweep(lab):
@@ -164,17 +171,20 @@ def test_structure_prediction_page_runs_the_benchmark_and_shows_target_and_sampl
     at = open_page("pages/csp.py")
     assert at.title[0].value == "Structure prediction"
     at.selectbox(key="csp_ckpt").set_value("train/tiny/ckpt/last.pt").run()
+    at.radio(key="csp_target_kind").set_value("Path on the server").run()
     outside = lab.parent / "cifs"  # the lab's training CIFs, outside the runs root
     at.text_input(key="csp_targets").input(str(outside))
     at.button(key="csp_run").click().run()
     assert "outside the folders this lab may read" in " ".join(e.value for e in at.error)
 
-    inside = lab / "csp-targets"
-    inside.mkdir(exist_ok=True)
-    for cif in outside.glob("*.cif"):
-        (inside / cif.name).write_text(cif.read_text())
+    # The same files from the browser: a zip of CIFs, as a user holding a standard split would upload it.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cif in sorted(outside.glob("*.cif")):
+            zf.writestr(cif.name, cif.read_text())
+    at.radio(key="csp_target_kind").set_value("Upload").run()
+    at.file_uploader(key="csp_upload").set_value(("rocksalts.zip", buf.getvalue(), "application/zip")).run()
     at.text_input(key="csp_name").input("apptest-csp")
-    at.text_input(key="csp_targets").input("csp-targets")  # relative to the runs root
     at.number_input(key="csp_k").set_value(1)
     at.number_input(key="csp_limit").set_value(0)
     at.slider(key="csp_temp").set_value(0.0)
@@ -191,4 +201,8 @@ def test_structure_prediction_page_runs_the_benchmark_and_shows_target_and_sampl
     m = metrics(at)
     assert m["Targets"] == "3" and m["Match rate"] == "100.0 %"  # greedy recalls the memorised rock salts
     assert len(at.get("iframe")) == 2  # the target and its best sample in 3D
+    (chart,) = [c for c in at.get("plotly_chart") if c.key == "csp_by_sites"]
+    spec = json.loads(chart.proto.spec)
+    assert spec["layout"]["yaxis"]["range"] == [0, 1.1]  # 0-100 %, never from -100 %
+    assert spec["data"][0]["x"] == ["5-8"]  # Na4Cl4, K4Cl4, Mg4O4: 8 atoms in each target cell
     assert "matched" in at.selectbox(key="csp_sample").format_func(at.selectbox(key="csp_sample").value)

@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from apptest_helpers import APP, open_page
+from apptest_helpers import APP, open_page, wait_for_job
 from streamlit.testing.v1 import AppTest
 
 from engine.evaluate.evaluation import evaluate_sample_set
+from engine.lab import jobs
 
 
 def _broken_set(lab: Path) -> Path:
@@ -25,18 +26,91 @@ def _broken_set(lab: Path) -> Path:
     return broken
 
 
-def test_an_unreadable_sample_shows_its_reason_and_cannot_be_viewed(lab):
+def _dialog_texts(at: AppTest) -> list[str]:
+    return [c.value for c in at.code]
+
+
+def _dialogs(at: AppTest) -> list:
+    """The dialogs open on the page (AppTest files them under the app's event block, not under main)."""
+    found, todo = [], [at._tree]
+    while todo:
+        node = todo.pop()
+        if getattr(node, "type", None) == "dialog":
+            found.append(node)
+        todo += list(getattr(node, "children", {}).values())
+    return found
+
+
+def test_an_unreadable_sample_shows_its_reason_and_its_raw_text(lab):
     broken = _broken_set(lab)
 
     at = open_page("pages/sample.py")
     at.selectbox(key="sample_set").set_value(broken).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.button(key="sample_pick_0").disabled
-    assert not at.button(key="sample_pick_1").disabled
+    assert at.button(key="sample_pick_0").label == "Raw text" and at.button(key="sample_pick_1").label == "View"
     reason = pd.read_csv(broken / "eval.csv").set_index("file").loc["0000.txt", "failure_reason"]
-    assert isinstance(reason, str) and reason.replace("_", " ") in [c.value for c in at.caption]  # says why
-    assert "nan" not in at.subheader[0].value  # the structure shown is a readable one, with its formula
-    assert at.subheader[0].value.startswith("Sample #1")
+    assert isinstance(reason, str) and any(c.value.startswith(reason.replace("_", " ")) for c in at.caption)
+    assert not at.code  # nothing opened yet
+    at.button(key="sample_pick_0").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "data_Na4Cl4\nloop_\n_atom_type_symbol" in _dialog_texts(at)[0]  # what the model wrote, to debug it
+
+
+def test_view_opens_the_sample_in_a_dialog_with_its_3d_view_and_cif(lab):
+    at = open_page("pages/sample.py")
+    at.selectbox(key="sample_set").set_value(lab / "samples" / "nacl").run()
+    assert not at.get("iframe")  # no viewer below the gallery until a sample is chosen
+    at.button(key="sample_pick_2").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    dialogs = _dialogs(at)
+    assert len(dialogs) == 1 and dialogs[0].proto.dialog.is_open
+    assert "**#2**" in dialogs[0].markdown[0].value
+    assert len(dialogs[0].get("iframe")) == 1 and dialogs[0].code[0].value.startswith("data_Na4Cl4")
+
+
+def test_an_invalid_sample_says_which_check_failed(lab):
+    invalid = lab / "samples" / "apptest-invalid"
+    if invalid.exists():
+        shutil.rmtree(invalid)
+    shutil.copytree(lab / "samples" / "nacl", invalid)
+    ev = pd.read_csv(invalid / "eval.csv")
+    ev.loc[0, ["is_valid", "bond_length_score", "space_group_consistent", "stated_spacegroup"]] = [
+        False, 0.5, False, "P1"]
+    ev.to_csv(invalid / "eval.csv", index=False)
+    at = open_page("pages/sample.py")
+    at.selectbox(key="sample_set").set_value(invalid).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "bond lengths: 50% reasonable (needs 100%); space group: states P1, is Fm-3m" in [
+        c.value for c in at.caption]
+    assert any("Fm-3m (225)" in md.value for md in at.markdown)  # space group with its number
+
+
+def test_the_sample_form_submits_only_by_its_button_and_refuses_a_repeat(lab):
+    at = open_page("pages/sample.py")
+    form = at.get("form")[0]
+    assert form.proto.form.enter_to_submit is False  # Enter in a field does not start a job
+    at.selectbox(key="sample_ckpt").set_value("train/tiny/ckpt/last.pt")
+    at.number_input(key="sample_z").set_value(4).run()  # one prompt: a quick job
+    at.number_input(key="sample_n").set_value(1)
+    at.number_input(key="sample_max_tokens").set_value(16)
+    at.text_input(key="sample_name").input("apptest-once")
+    at.button(key="sample_generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    first = common_jobs(lab) / "apptest-once"
+    state = wait_for_job(first)
+    assert state["state"] == "finished", jobs.tail_log(first)
+    before = set(common_jobs(lab).iterdir())
+    at.text_input(key="sample_name").input("apptest-twice")  # the same request under another name
+    at.button(key="sample_generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert set(common_jobs(lab).iterdir()) == before  # no second job
+    assert any("already finished as 'apptest-once'" in i.value for i in at.info)
+    shown = at.selectbox(key="sample_set").value
+    assert lab / "samples" / "apptest-once" in (shown, *shown.parents)  # the first request's samples
+
+
+def common_jobs(lab: Path) -> Path:
+    return lab / "jobs" / "sample"
 
 
 def test_a_reload_keeps_the_prompt_through_the_page_address(lab):

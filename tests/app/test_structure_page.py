@@ -60,3 +60,44 @@ def test_sites_and_bonds_tables_say_their_units(spinel_page):
     assert {"mean (Å)", "min (Å)", "max (Å)", "expected (Å)"} <= set(summary.columns)
     assert {"distance (Å)", "expected (Å)"} <= set(table_with(spinel_page, "distance (Å)").columns)
 
+
+
+def test_sites_are_rounded_to_the_precision_of_the_cif(use_asset_cache):
+    """A site at 0 in the CIF reads 0, not parsing noise such as 2e-16, and keeps the CIF's 8 decimals."""
+    cif = """data_BaTiO3
+_symmetry_space_group_name_H-M   'P 1'
+_cell_length_a   4.12278815
+_cell_length_b   4.12278815
+_cell_length_c   3.98753100
+_cell_angle_alpha   90.00000000
+_cell_angle_beta   90.00000000
+_cell_angle_gamma   90.48824126
+_symmetry_Int_Tables_number   1
+loop_
+ _symmetry_equiv_pos_site_id
+ _symmetry_equiv_pos_as_xyz
+  1  'x, y, z'
+loop_
+ _atom_site_type_symbol
+ _atom_site_label
+ _atom_site_symmetry_multiplicity
+ _atom_site_fract_x
+ _atom_site_fract_y
+ _atom_site_fract_z
+ _atom_site_occupancy
+  Ba  Ba0  1  0.99252100  0.00747900  0.00000000  1
+  Ti  Ti1  1  0.47548600  0.52451400  0.50000000  1
+  O  O2  1  0.50961200  0.97298700  0.50000000  1
+  O  O3  1  0.02701300  0.49038800  0.50000000  1
+  O  O4  1  0.51546800  0.48453200  0.00000000  1
+"""
+    at = open_page("pages/structure.py")
+    at.radio(key="structure_source").set_value("Paste a CIF").run()
+    at.text_area(key="structure_paste").input(cif).run()
+    assert not at.exception, [e.value for e in at.exception]
+    sites = table_with(at, "x (frac)")
+    assert sites["x (frac)"].tolist() == [0.992521, 0.475486, 0.509612, 0.027013, 0.515468]
+    assert sites["z (Å)"].tolist() == [0.0, 1.9938, 1.9938, 1.9938, 0.0]
+    sites_frame = next(df for df in at.dataframe if "x (frac)" in df.value.columns)
+    assert sites_frame.proto.columns  # formatted columns: the CIF's 8 decimals, not a cut-off float
+    assert '"%.8f"' in sites_frame.proto.columns

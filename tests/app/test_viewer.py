@@ -5,11 +5,26 @@ from __future__ import annotations
 import json
 import re
 import urllib.error
+from collections import Counter
 
+import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
 from engine.app import viewer
+from engine.crystal import analysis
+
+
+@pytest.fixture(params=["cubic", "mp-5777"])
+def perovskite(request) -> Structure:
+    """BaTiO3: ideal cubic with Ba at the origin, and mp-5777 as MP-20 writes it (distorted, Ba at x = 0.9925)."""
+    if request.param == "cubic":
+        return Structure(Lattice.cubic(4.0), ["Ba", "Ti", "O", "O", "O"],
+                         [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    lattice = Lattice.from_parameters(4.12278815, 4.12278815, 3.98753100, 90, 90, 90.48824126)
+    return Structure(lattice, ["Ba", "Ti", "O", "O", "O"],
+                     [[0.992521, 0.007479, 0], [0.475486, 0.524514, 0.5], [0.509612, 0.972987, 0.5],
+                      [0.027013, 0.490388, 0.5], [0.515468, 0.484532, 0]])
 
 
 @pytest.fixture
@@ -58,14 +73,16 @@ def test_tampered_tarball_is_rejected_and_not_cached(monkeypatch):
 def test_view_html_inlines_library_and_requests_nothing(use_asset_cache, nacl):
     html = viewer.structure_view_html(nacl, supercell=(2, 2, 1), labels=True, style="space-filling")
     body = html[html.index("<body>"):]
-    assert "cdn.jsdelivr" not in html and viewer._LOCAL_SENTINEL not in html
+    assert "cdn.jsdelivr" not in html
     # Nothing in the view itself points at a URL; the library arrives inline in the head.
-    assert not re.search(r"(src|href)\s*=", body)
-    assert "loadScriptAsync" not in body and "$3Dmolpromise = Promise.resolve()" in body
+    assert not re.search(r"(src|href)\s*=", body) and "loadScriptAsync" not in body
     head = html[: html.index("<body>")]
     assert len(head) > 100_000 and "</script" not in head[len("<!doctype html><html><head>") + 8: -len("</script></head>")]
-    assert "replicateUnitCell(2,2,1)" in body and "addUnitCell()" in body and "addPropertyLabels" in body
-    assert body.count("Na  Na") == 4 and body.count("Cl  Cl") == 4  # every atom of the cell (P1 CIF)
+    spec = json.loads(re.search(r"const spec = (\{.*?\});\n", body).group(1))
+    assert spec["labels"] and len(spec["edges"]) == 12 * 4  # every unit cell of the 2x2x1 box
+    elements = [a["elem"] for a in spec["atoms"]]
+    assert elements.count("Na") == 3 * 3 * 2 + 2 * 2 * 1 + 4 * 2 * 2 and len(elements) == len(set(
+        (a["x"], a["y"], a["z"]) for a in spec["atoms"]))
 
 
 def test_view_rejects_bad_options(use_asset_cache, nacl):
@@ -73,6 +90,47 @@ def test_view_rejects_bad_options(use_asset_cache, nacl):
         viewer.structure_view_html(nacl, style="wireframe")
     with pytest.raises(ValueError, match="supercell"):
         viewer.structure_view_html(nacl, supercell=(0, 1, 1))
+
+
+def _degrees(geometry) -> dict[int, int]:
+    return Counter(i for bond in geometry["bonds"] for i in bond)
+
+
+def test_rock_salt_is_drawn_with_its_boundary_atoms_and_six_bonds_each(nacl):
+    geometry = viewer.view_geometry(nacl, bonded_outside=True)
+    atoms = geometry["atoms"]
+    inside = atoms[atoms["inside"]]
+    frac = nacl.lattice.get_fractional_coords(inside[["x", "y", "z"]].to_numpy())
+    on_boundary = (np.isclose(frac, 0, atol=1e-6) | np.isclose(frac, 1, atol=1e-6)).sum(axis=1)
+    kinds = Counter(zip(inside["element"], on_boundary))  # 3: corner, 2: edge, 1: face, 0: inside
+    assert kinds == {("Na", 3): 8, ("Na", 1): 6, ("Cl", 2): 12, ("Cl", 0): 1}
+    degree = _degrees(geometry)
+    assert all(degree[i] == 6 for i in inside.index)  # full octahedra, bonds across the boundary included
+    for a, b in geometry["bonds"]:
+        assert {atoms.at[a, "element"], atoms.at[b, "element"]} == {"Na", "Cl"}
+        d = np.linalg.norm(atoms.loc[a, ["x", "y", "z"]].to_numpy(float) - atoms.loc[b, ["x", "y", "z"]].to_numpy(float))
+        assert d == pytest.approx(5.64 / 2)
+    assert len(geometry["polyhedra"]) == 14 and all(len(v) == 6 for _, v in geometry["polyhedra"])  # NaCl6
+
+    boxed = viewer.view_geometry(nacl)  # without the atoms beyond the cell: only bonds inside it
+    assert boxed["atoms"]["inside"].all() and len(boxed["atoms"]) == 27
+    centre = boxed["atoms"].index[np.isclose(boxed["atoms"][["x", "y", "z"]].to_numpy(float), 5.64 / 2).all(axis=1)]
+    assert _degrees(boxed)[int(centre[0])] == 6
+
+
+def test_perovskite_bonds_are_the_analysis_bonds_across_the_cell_boundary(perovskite):
+    bonds = analysis.neighbour_bonds(perovskite)
+    geometry = viewer.view_geometry(perovskite, bonds)
+    atoms = geometry["atoms"]
+    assert Counter(atoms["element"]) == {"Ba": 8, "O": 6, "Ti": 1}  # Ba at every corner, O on every face
+    pairs = Counter(frozenset((atoms.at[a, "element"], atoms.at[b, "element"])) for a, b in geometry["bonds"])
+    assert frozenset(("Ba", "Ti")) not in pairs  # 3Dmol's distance rule drew this 3.4 Å stick; the table has none
+    assert pairs[frozenset(("Ti", "O"))] == 6
+    # Each corner Ba bonds the three face O around it; all but one corner are periodic images of the Ba site.
+    assert pairs[frozenset(("Ba", "O"))] == 8 * 3
+    image_ba = atoms.index[(atoms["element"] == "Ba") & atoms["cell"].map(any)]
+    assert len(image_ba) == 7 and all(_degrees(geometry)[i] == 3 for i in image_ba)
+    assert [atoms.at[c, "element"] for c, _ in geometry["polyhedra"]] == ["Ti"]  # TiO6, not BaO12 cages
 
 
 def test_fallback_figure_plots_every_atom_and_the_cell(nacl):

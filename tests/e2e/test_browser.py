@@ -1,7 +1,8 @@
 """One real-browser run of the lab loop with the internet blocked: Debian chromium drives a live server.
 
-Generates from the tiny checkpoint on the Sample page, checks the 3Dmol canvas drew the crystal (pixels that are
-not background), runs a two-prompt sweep on Compare and reads its table, and screenshots every page into
+Generates from the tiny checkpoint on the Sample page (after checking that Enter in a form field starts nothing),
+opens a sample with View and checks its dialog is on screen and the 3Dmol canvas drew the crystal (pixels that
+are not background), runs a two-prompt sweep on Compare and reads its table, and screenshots every page into
 ``test-output/screenshots/``. Every request to a host other than 127.0.0.1/localhost is aborted and recorded,
 so any CDN or telemetry dependency fails the test.
 """
@@ -19,7 +20,7 @@ from PIL import Image
 from engine.lab import jobs
 from engine.lab.settings import REPO_ROOT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]  # 5 min on a quiet machine; load 9 took longer
 
 SHOTS = REPO_ROOT / "test-output" / "screenshots"
 JOB_TIMEOUT_MS = 150_000
@@ -65,7 +66,7 @@ def _viewer_pixels(page, attempts: int = 3) -> float:
     """Share of non-background pixels in the 3Dmol canvas (retried if a rerun replaces the iframe)."""
     from playwright.sync_api import Error
 
-    viewer = "div[id^='3dmolviewer'] canvas"
+    viewer = "#crystal canvas"
     for attempt in range(attempts):
         try:
             frames = [f for f in page.frames if f.query_selector(viewer)]
@@ -99,6 +100,11 @@ def _sample_and_view(page, url: str, runs) -> None:
     _fill(page, "Samples per prompt", "4")
     _fill(page, "Max new tokens", "300")
     _fill(page, "Sample set name", "e2e-nacl")
+    # A person confirms a field with Enter: that must not start a job (only the Generate button does).
+    page.get_by_label("Seed", exact=True).press("Enter")
+    page.wait_for_timeout(1500)
+    _idle(page)
+    assert not (runs / "jobs" / "sample" / "e2e-nacl").exists() and page.get_by_text("Generating").count() == 0
     page.get_by_role("button", name="Generate").click()
     page.get_by_text("Generating e2e-nacl").first.wait_for(timeout=60_000)
     state = _wait_job(runs / "jobs" / "sample" / "e2e-nacl")
@@ -106,10 +112,24 @@ def _sample_and_view(page, url: str, runs) -> None:
     # The page notices by itself (its live fragment reruns the app) and selects the new set.
     page.get_by_text("prompt Na4Cl4 | T 0.3").first.wait_for(timeout=30_000)
     _idle(page)
+    # View opens the crystal where the user is looking: scroll to the gallery as a person does, click View,
+    # and the dialog with the 3D view is on screen without scrolling.
+    view = page.get_by_role("button", name="View").first
+    view.scroll_into_view_if_needed()
+    view.click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for(timeout=30_000)
+    from playwright.sync_api import expect
+
+    expect(dialog).to_be_in_viewport()
+    frame = dialog.locator("iframe").first
+    frame.wait_for(timeout=30_000)
+    expect(frame).to_be_in_viewport(ratio=0.3)
     # The 3D view lives in an iframe; its WebGL canvas must show the crystal, not just background.
     drawn = _viewer_pixels(page)
     assert drawn > 0.01, f"the 3Dmol canvas is blank ({drawn:.3%} non-background pixels)"
-    page.screenshot(path=SHOTS / "sample.png", full_page=True)
+    page.screenshot(path=SHOTS / "sample.png")
+    page.keyboard.press("Escape")  # close the dialog as a person does
 
 
 def _sweep(page, url: str, runs) -> str:

@@ -47,3 +47,25 @@ def test_paths_outside_are_refused_with_the_fix(roots, how):
 def test_missing_file_inside_a_root_is_reported(roots):
     with pytest.raises(FileNotFoundError):
         get_settings().resolve_user_path("nope.cif")
+
+
+def test_dashboard_data_dir_lets_the_readme_csp_example_through(tmp_path, monkeypatch):
+    """`crystallab dashboard --data-dir ../shared/data` makes `../shared/data/perov_5/test.csv` readable."""
+    from engine.app.dashboard import extend_data_dirs
+    from engine.cli import build_parser
+    from engine.lab.errors import InputError
+
+    targets = tmp_path / "shared" / "data" / "perov_5" / "test.csv"
+    targets.parent.mkdir(parents=True)
+    targets.write_text("cif\n")
+    monkeypatch.delenv("CRYSTALLAB_DATA_DIRS", raising=False)
+    with pytest.raises(PathNotAllowed, match="--data-dir"):
+        get_settings().resolve_user_path(targets)
+    monkeypatch.chdir(tmp_path / "shared")  # a relative folder, as the README writes it
+    args = build_parser("dashboard").parse_args(["dashboard", "--data-dir", "data", "--data-dir", "data"])
+    monkeypatch.setenv("CRYSTALLAB_DATA_DIRS", "")  # monkeypatch restores the variable after the test
+    extend_data_dirs(args.data_dir)
+    assert get_settings().resolve_user_path(targets) == targets.resolve()
+    assert get_settings().data_dirs == (targets.parents[1].resolve(),)  # once, though given twice
+    with pytest.raises(InputError, match="--data-dir nowhere: no such folder"):
+        extend_data_dirs(["nowhere"])
