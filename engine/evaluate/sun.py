@@ -40,7 +40,7 @@ SUN_DEFINITIONS: dict[str, str] = {
                    "submitted samples",
     "metastable_rate": "samples with E_hull <= {metastable} eV/atom against a hull covering their chemical system / "
                        "all submitted samples",
-    "unique_rate": "samples that are the first of their group of matching structures (StructureMatcher() defaults "
+    "unique_sample_rate": "samples that are the first of their group of matching structures (StructureMatcher() defaults "
                    "in reduced-formula buckets) / all submitted samples",
     "novel_rate": "parsed samples with no matching training structure of the same reduced formula / all submitted "
                   "samples",
@@ -130,7 +130,7 @@ def sun_metrics(
     with_training = train_index is not None
     hull = {k: sorted({str(v) for v in stability[k].dropna()}) for k in ("potential", "hull") if k in stability}
     values = {
-        "stable_rate": rate(stable), "metastable_rate": rate(metastable), "unique_rate": rate(unique),
+        "stable_rate": rate(stable), "metastable_rate": rate(metastable), "unique_sample_rate": rate(unique),
         "novel_rate": rate(novel) if with_training else None,
         "sun_rate": rate(stable & unique & novel) if with_training else None,
         "msun_rate": rate(metastable & unique & novel) if with_training else None,

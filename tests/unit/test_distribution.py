@@ -126,7 +126,7 @@ def test_sun_of_a_constructed_set_is_exact(tmp_path):
     v = {k: e["value"] for k, e in m.items()}
     assert v["n_submitted"] == 8
     assert v["stable_rate"] == 3 / 8 and v["metastable_rate"] == 4 / 8
-    assert v["unique_rate"] == 6 / 8 and v["novel_rate"] == 6 / 8
+    assert v["unique_sample_rate"] == 6 / 8 and v["novel_rate"] == 6 / 8
     assert v["sun_rate"] == 1 / 8 and v["msun_rate"] == 2 / 8 and v["sun_uncovered"] == 1
     assert v["sun_thresholds"] == {"stable": 0.0, "metastable": 0.1}
     assert v["hull"] == {"potential": ["chgnet"], "hull": ["test"]}
@@ -139,3 +139,47 @@ def test_a_stability_table_without_e_hull_is_refused(tmp_path):
     pd.DataFrame({"file": ["a"], "energy_per_atom": [-3.0]}).to_csv(path, index=False)
     with pytest.raises(InputError, match="e_hull"):
         read_stability(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# crystallab evaluate --reference, and S.U.N. from a stability.csv beside the samples
+
+
+def test_evaluate_cli_reports_distribution_and_sun_in_published_shapes(tmp_path, capsys):
+    from engine.cli import main
+    from engine.lab.fsutil import read_json
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    structures = [_rocksalt("Na", "Cl", 5.64), _rocksalt("Na", "Cl", 5.64), _cscl("Cs", "Cl", 4.12)]
+    for i, s in enumerate(structures):
+        (samples / f"{i}.cif").write_text(str(CifWriter(s)))
+    pd.DataFrame({"file": ["0.cif", "1.cif", "2.cif"], "potential": "chgnet", "hull": "h",
+                  "e_hull": [-0.01, -0.01, 0.2], "hull_covered": True}).to_csv(samples / "stability.csv", index=False)
+    ref = tmp_path / "test.csv"
+    pd.DataFrame({"material_id": ["a", "b"], "e_above_hull": [0.0, 0.02],
+                  "cif": [str(CifWriter(s)) for s in structures[1:]]}).to_csv(ref, index=False)
+    out = tmp_path / "eval.csv"
+    rc = main(["evaluate", str(samples), "--out", str(out), "--processed", "--workers", "1",
+               "--reference", str(ref), "--cutoffs", "mp20"])
+    assert rc == 0
+    summary = read_json(tmp_path / "eval_summary.json")
+    assert summary["cov_recall"]["value"] == 1.0 and summary["cov_precision"]["value"] == 1.0
+    assert summary["wdist_e_hull"]["value"] == pytest.approx(D.wasserstein([-0.01, -0.01, 0.2], [0.0, 0.02]))
+    assert summary["stable_rate"]["value"] == pytest.approx(2 / 3)
+    assert summary["unique_sample_rate"]["value"] == pytest.approx(2 / 3)
+    assert summary["sun_rate"]["value"] is None  # novelty needs --train
+    err = capsys.readouterr().err
+    assert "CDVAE / Gruver" in err and "published figure under its own protocol" in err and "LLaMA-2 70B" in err
+    assert "MatterGen-MP20" in err
+
+
+def test_evaluate_cli_refuses_stability_without_a_hull_and_bad_cutoffs(tmp_path, capsys):
+    from engine.cli import main
+
+    (tmp_path / "a.cif").write_text(str(CifWriter(_cscl("Cs", "Cl", 4.12))))
+    out = str(tmp_path / "eval.csv")
+    assert main(["evaluate", str(tmp_path / "a.cif"), "--out", out, "--stability"]) == 2
+    assert "--hull" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "a.cif"), "--out", out, "--cutoffs", "mp30"]) == 2
+    assert "COV cutoffs" in capsys.readouterr().err
