@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from engine.lab.errors import InputError
-from engine.lab.fsutil import atomic_write_json, read_json
+from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
 
 CUTOFFS: dict[str, tuple[float, float]] = {"mp20": (0.4, 10.0), "perov5": (0.2, 4.0), "carbon24": (0.2, 4.0)}
 """CDVAE's COV cutoffs per dataset: (structural fingerprint distance, standardised composition distance)."""
@@ -490,3 +490,24 @@ def write_distribution_summary(path: str | os.PathLike, metrics: dict[str, dict[
     summary = read_json(path, {}) or {}
     summary.update(metrics)
     atomic_write_json(path, summary)
+
+
+def reference_descriptors(reference: Reference) -> pd.DataFrame:
+    """Density (g/cm^3), atoms per cell and number of elements of every parsable reference structure (no
+    fingerprints: milliseconds each), cached under ``Settings.cache_dir / "fingerprints"`` like the fingerprints."""
+    from engine.evaluate.metrics import _load_cif
+    from engine.lab.settings import get_settings
+
+    path = get_settings().cache_dir / "fingerprints" / f"{reference.sha256}-descriptors.csv"
+    if path.exists():
+        return pd.read_csv(path)
+    rows = []
+    for name, cif in zip(reference.names, reference.cifs):
+        s = _load_cif(cif)
+        if s is not None:
+            rows.append({"name": name, "density": float(s.density), "n_atoms": len(s),
+                         "n_elements": len(s.composition.elements)})
+    df = pd.DataFrame(rows, columns=["name", "density", "n_atoms", "n_elements"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, df.to_csv(index=False))
+    return df
