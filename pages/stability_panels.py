@@ -169,7 +169,9 @@ def hull_plot(row: pd.Series, composition, *, key: str) -> None:
         energy = (pd_.get_hull_energy_per_atom(composition) + e) * composition.num_atoms
         sample = PDEntry(composition, energy, name=f"sample ({composition.reduced_formula})")
         with_sample = PhaseDiagram([*pd_.all_entries, sample])
-        fig = PDPlotter(with_sample, backend="plotly", show_unstable=max(0.2, e + 0.05)).get_plot()
+        fig = PDPlotter(with_sample, backend="plotly", show_unstable=max(0.2, e + 0.05)).get_plot(
+            highlight_entries=[sample])
+        fig.for_each_trace(lambda trace: trace.update(name="this sample") if trace.name == "Highlighted" else None)
         fig.update_layout(height=460, title=f"{chemsys} hull ({hull_name}); sample E_hull {e:.3f} eV/atom")
         st.plotly_chart(fig, key=key)
 

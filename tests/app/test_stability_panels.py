@@ -132,3 +132,30 @@ def test_compare_page_has_published_shapes_ehull_histogram_and_reference_figures
     titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") for c in at.get("plotly_chart")]
     assert {"density (g/cm³)", "atoms per cell", "number of elements"} <= set(titles)
     assert any(folder.name in str(o) for o in at.selectbox(key="compare_ref_covjob_set").options)
+
+
+class _NaClHull:
+    """Stands in for the stability half's hull object through the agreed API: ``phase_diagram(chemsys)``."""
+
+    def phase_diagram(self, chemsys: str):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+        assert chemsys == "Cl-Na"
+        return PhaseDiagram([PDEntry("Na", -1.3), PDEntry("Cl", -1.8), PDEntry("NaCl", -6.8)])
+
+
+def test_sample_page_places_the_sample_on_its_convex_hull(use_asset_cache, monkeypatch):
+    import sys
+    import types
+
+    hull_module = types.ModuleType("engine.evaluate.hull")
+    hull_module.load_hull = lambda name: _NaClHull()
+    monkeypatch.setitem(sys.modules, "engine.evaluate.hull", hull_module)
+    _checkpoint()
+    _set()
+    at = open_page("pages/sample.py")
+    assert not at.exception, [e.value for e in at.exception]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    hull = [s for s in specs if "Cl-Na hull (h)" in str(s["layout"].get("title", {}).get("text"))]
+    assert hull and "sample E_hull 0.000 eV/atom" in hull[0]["layout"]["title"]["text"]
+    assert "this sample" in [trace.get("name") for trace in hull[0]["data"]]
