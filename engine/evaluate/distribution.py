@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from engine.lab.errors import InputError
-from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
+from engine.lab.fsutil import atomic_write_text
 
 CUTOFFS: dict[str, tuple[float, float]] = {"mp20": (0.4, 10.0), "perov5": (0.2, 4.0), "carbon24": (0.2, 4.0)}
 """CDVAE's COV cutoffs per dataset: (structural fingerprint distance, standardised composition distance)."""
@@ -466,30 +466,6 @@ def evaluate_distribution(
         e_hull = pd.to_numeric(stability["e_hull"], errors="coerce").to_numpy(dtype=float)
     return distribution_metrics(gen, ref_fps, reference_label=ref.label, cutoffs=cutoffs, n_submitted=n,
                                 valid_mask=valid, e_hull=e_hull, reference_e_hull=ref.e_hull)
-
-
-def fingerprints_of_set(set_dir: str | os.PathLike, *, workers: int | None = None,
-                        timeout_s: float | None = 60.0) -> Fingerprints:
-    """Fingerprints of a sample set's ``processed/*.cif`` (cached in the set as ``fingerprints.npz``, refreshed
-    when a CIF is newer)."""
-    folder = Path(set_dir)
-    files = sorted((folder / "processed").glob("*.cif"))
-    cache = folder / "fingerprints.npz"
-    if cache.exists() and all(f.stat().st_mtime <= cache.stat().st_mtime for f in files):
-        fps = Fingerprints.load(cache)
-        if fps.names == [f.name for f in files]:
-            return fps
-    fps = fingerprint_cifs([(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in files],
-                           workers=workers, timeout_s=timeout_s)
-    fps.save(cache)
-    return fps
-
-
-def write_distribution_summary(path: str | os.PathLike, metrics: dict[str, dict[str, Any]]) -> None:
-    """Merge ``metrics`` into the summary JSON at ``path`` (created when absent), atomically."""
-    summary = read_json(path, {}) or {}
-    summary.update(metrics)
-    atomic_write_json(path, summary)
 
 
 def reference_descriptors(reference: Reference) -> pd.DataFrame:

@@ -40,8 +40,8 @@ SUN_DEFINITIONS: dict[str, str] = {
                    "submitted samples",
     "metastable_rate": "samples with E_hull <= {metastable} eV/atom against a hull covering their chemical system / "
                        "all submitted samples",
-    "unique_sample_rate": "samples that are the first of their group of matching structures (StructureMatcher() defaults "
-                   "in reduced-formula buckets) / all submitted samples",
+    "unique_sample_rate": "samples that are the first of their group of matching structures (StructureMatcher() "
+                          "defaults in reduced-formula buckets) / all submitted samples",
     "novel_rate": "parsed samples with no matching training structure of the same reduced formula / all submitted "
                   "samples",
     "sun_rate": "S.U.N. (MatterGen): samples stable (E_hull <= {stable} eV/atom, hull covering the chemical "

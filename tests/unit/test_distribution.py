@@ -16,7 +16,8 @@ from engine.lab.errors import InputError
 
 
 def _rocksalt(a: str, b: str, x: float) -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(x), [a, b], [[0, 0, 0], [0.5] * 3]).get_primitive_structure()
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(x), [a, b], [[0, 0, 0], [0.5] * 3])
+    return s.get_primitive_structure()
 
 
 def _fcc(a: str, x: float) -> Structure:
