@@ -15,6 +15,7 @@ before it takes work, so the time box measures the item and not start-up. Output
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -368,6 +369,10 @@ def evaluate_sample_set(
     return df, metrics
 
 
+_NO_STABILITY = ("--stability needs engine.evaluate.stability, which this installation lacks: update crystallab, "
+                 "or run without --stability")
+
+
 def extra_metrics(
     df: pd.DataFrame,
     stability_dir: Path,
@@ -397,8 +402,7 @@ def extra_metrics(
         try:  # the stability half of issue 13 (potentials, relaxation, hulls)
             from engine.evaluate.stability import run_stability
         except ImportError:
-            raise InputError("--stability needs engine.evaluate.stability, which this installation lacks: "
-                             "update crystallab, or run without --stability") from None
+            raise InputError(_NO_STABILITY) from None
         run_stability(inputs, stability["potential"], stability["hull"], stability_dir)
     table = None
     if (stability_dir / "stability.csv").is_file():
@@ -495,6 +499,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     _check_timeout(args.timeout)
     if args.stability and not args.hull:
         raise InputError("--stability needs --hull NAME (a hull built with `crystallab hull build`)")
+    if args.stability and importlib.util.find_spec("engine.evaluate.stability") is None:
+        raise InputError(_NO_STABILITY)
     if args.cutoffs is not None:
         from engine.evaluate.distribution import resolve_cutoffs
 

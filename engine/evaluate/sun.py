@@ -148,17 +148,3 @@ def structures_from_table(df: pd.DataFrame) -> dict[str, Structure | None]:
         analysed = _flag(ok) and (reason is None or (isinstance(reason, float) and np.isnan(reason)))
         out[str(name)] = parse_structure(cif)[0] if analysed and isinstance(cif, str) else None
     return out
-
-
-def structures_from_set(set_dir: str | os.PathLike) -> dict[str, Structure | None]:
-    """``file`` -> generated structure of an evaluated sample-set folder (``eval.csv`` + ``processed/*.cif``)."""
-    folder = Path(set_dir)
-    if not (folder / "eval.csv").is_file():
-        raise InputError(f"sample set {folder} has not been evaluated: run `crystallab evaluate {folder}` first")
-    df = pd.read_csv(folder / "eval.csv")
-    out: dict[str, Structure | None] = {}
-    for name, ok, reason in zip(df["file"], df["parse_ok"], df["failure_reason"]):
-        cif = folder / "processed" / f"{Path(str(name)).stem}.cif"
-        analysed = _flag(ok) and pd.isna(reason) and cif.is_file()
-        out[str(name)] = parse_structure(cif.read_text(encoding="utf-8"))[0] if analysed else None
-    return out
