@@ -13,14 +13,14 @@ import streamlit as st
 
 from engine.app import dashboard
 from engine.crystal import analysis
-from engine.evaluate import report
+from engine.evaluate import report, tables
 from engine.evaluate.sweeps import config_from_dict, dump_sweep_config
 from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
 from engine.lab.runs import read_status
 from engine.train.config import read_yaml_mapping
-from pages import common
+from pages import common, stability_panels
 
 st.title("Compare")
 s = common.settings()
@@ -195,6 +195,23 @@ e1.download_button("Table (CSV)", rows.to_csv(index=False), "comparison.csv", mi
                    key="compare_csv", icon=":material/download:")
 e2.download_button("Report (markdown)", md, "comparison.md", mime="text/markdown", key="compare_md",
                    icon=":material/download:")
+
+# --- stability and distribution (issue 13) ---------------------------------------------------------------------
+with st.expander("In the shape of the published tables (CDVAE / Gruver, MatterGen)"):
+    st.caption("Rows marked as published are the authors' figures under their own protocols, beside ours.")
+    st.table(tables.cdvae_table(rows).set_index("system"))
+    st.table(tables.mattergen_table(rows).set_index("system"))
+stab_tables = {}
+for r in rows.itertuples():
+    table = stability_panels.stability_table(Path(r.set_dir)) if isinstance(r.set_dir, str) else None
+    if table is not None:
+        stab_tables[f"{r.checkpoint} / {r.prompt}"] = table
+if stab_tables:
+    stability_panels.ehull_histogram(stab_tables, key="compare_ehull_hist")
+st.subheader("Against a reference set")
+reference = stability_panels.reference_picker(key="compare_reference")
+if reference is not None and samples is not None and not samples.empty:
+    stability_panels.reference_figures(samples, rows, reference, key="compare_ref")
 
 # --- plots ---------------------------------------------------------------------------------------------------
 n_total, n_parsed = int(rows["n"].sum()), int(rows["n_parsed"].fillna(0).sum())

@@ -17,7 +17,7 @@ from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
 from engine.models.family import knob_argv, knobs_text
-from pages import common
+from pages import common, stability_panels
 
 st.title("Sample")
 
@@ -207,6 +207,14 @@ c[1].metric("Valid", int(counts.get("valid", 0)))
 c[2].metric("Invalid", int(counts.get("invalid", 0)))
 c[3].metric("Unparsable", int(counts.get("unparsable", 0)))
 
+# --- stability (issue 13): E_hull per sample, histogram, the stability pass as a job ------------------------
+stab = stability_panels.stability_table(set_dir)
+stab_rows = {} if stab is None else {r["name"]: r for _, r in stab.iterrows()}
+with st.expander("Stability (E_hull)", expanded=stab is not None):
+    if stab is not None:
+        stability_panels.stability_summary(stab, len(df), key="sample_ehull_hist")
+    stability_panels.stability_job(set_dir, key="sample_stability")
+
 BADGES = {"valid": ":green-badge[:material/check: valid]", "invalid": ":orange-badge[:material/warning: invalid]",
           "unparsable": ":red-badge[:material/close: unparsable]", "not evaluated": ":gray-badge[not evaluated]"}
 pages = max(1, -(-len(df) // PER_PAGE))
@@ -246,6 +254,10 @@ def _show_sample(row) -> None:
         if b2.button("Open in Structure", key="sample_open", icon=":material/open_in_new:"):
             st.session_state["structure_ref"] = json.dumps({"set": str(set_dir), "name": row["name"]})
             st.switch_page("pages/structure.py")
+    if row["name"] in stab_rows:
+        st.markdown(stability_panels.ehull_badge(stab_rows[row["name"]]))
+        with st.expander("Convex hull of this chemical system"):
+            stability_panels.hull_plot(stab_rows[row["name"]], load_structure(cif).composition, key="sample_hull")
 
 
 # "View" opens the sample in a dialog over the gallery, where the user is looking (not 1,000 px below it).
@@ -256,7 +268,9 @@ for k, (_, row) in enumerate(df.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].ite
     with cols[k % 4].container(border=True):
         formula_ = row.get("reduced_formula") if isinstance(row.get("reduced_formula"), str) else "?"
         sg_ = spacegroup_label(row.get("spacegroup")) or "?"
-        st.markdown(f"**#{row['index']}** {formula_} · {sg_}  \n{BADGES.get(row['badge'], row['badge'])}")
+        st.markdown(f"**#{row['index']}** {formula_} · {sg_}  \n{BADGES.get(row['badge'], row['badge'])}"
+                    + (f"  \n{stability_panels.ehull_badge(stab_rows[row['name']])}" if row["name"] in stab_rows
+                       else ""))
         why = dashboard.sample_reason(row)
         if why:
             st.caption(why if len(why) <= 140 else why[:139] + "…", help=why)

@@ -13,7 +13,7 @@ import streamlit as st
 from engine.app import dashboard
 from engine.crystal import analysis
 from engine.lab.fsutil import read_json
-from pages import common
+from pages import common, stability_panels
 
 st.title("Structure")
 s = common.settings()
@@ -204,3 +204,12 @@ with tab_src:
         st.json({k: v for k, v in provenance.items() if k != "prompt"}, expanded=False)
     st.download_button("CIF", cif, f"{info['reduced_formula']}.cif", key="structure_cif",
                        icon=":material/download:")
+
+# --- generated against relaxed (issue 13: the set's stability.csv) -------------------------------------------
+if source == "Sample set":
+    stab = stability_panels.stability_table(set_dir)
+    if stab is not None:
+        st.subheader("Generated and relaxed")
+        match = stab[stab["name"] == name]
+        stability_panels.relaxed_comparison(structure, match.iloc[0] if len(match) else None,
+                                            key="structure_relaxed")

@@ -15,6 +15,7 @@ before it takes work, so the time box measures the item and not start-up. Output
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -332,11 +333,19 @@ def evaluate_sample_set(
     timeout_s: float | None = 30.0,
     train_index: TrainingIndex | None = None,
     progress: Progress | None = None,
+    reference: Any = None,
+    cutoffs: str | tuple[float, float] | None = None,
+    stability: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Evaluate a sample-set folder: its ``raw/*.txt`` against its ``config.json`` prompt.
 
     Writes ``processed/NNNN.cif`` for texts that post-process, ``eval.csv`` and ``eval_summary.json`` (the
-    `set_metrics` dict), each atomically.
+    `set_metrics` dict, plus the `extra_metrics` that apply), each atomically.
+
+    Args:
+        reference: a reference set (`engine.evaluate.distribution.Reference` or a path) for COV / Wasserstein.
+        cutoffs: COV cutoffs (`engine.evaluate.distribution.resolve_cutoffs`; default MP-20's).
+        stability: ``{"potential": P, "hull": NAME}`` runs a stability pass into the folder first.
 
     Raises:
         InputError: the folder has no ``raw/*.txt``.
@@ -358,8 +367,61 @@ def evaluate_sample_set(
             atomic_write_text(target, cif)
     metrics = set_metrics(df, train_index=train_index, prompt=prompt)
     write_table(df, folder / "eval.csv")
+    metrics.update(extra_metrics(df, folder, inputs=[folder], train_index=train_index, reference=reference,
+                                 cutoffs=cutoffs, stability=stability, workers=workers))
     atomic_write_json(folder / "eval_summary.json", metrics)
     return df, metrics
+
+
+_NO_STABILITY = ("--stability needs engine.evaluate.stability, which this installation lacks: update crystallab, "
+                 "or run without --stability")
+
+
+def extra_metrics(
+    df: pd.DataFrame,
+    stability_dir: Path,
+    *,
+    inputs: list,
+    train_index: TrainingIndex | None,
+    reference: Any = None,
+    cutoffs: str | tuple[float, float] | None = None,
+    stability: dict | None = None,
+    workers: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Issue 13's set metrics beyond validity: S.U.N. and stable rates, COV / Wasserstein / diversity.
+
+    Args:
+        df: the evaluation table (with ``processed_cif``).
+        stability_dir: where ``stability.csv`` is (or, with ``stability``, is written).
+        inputs: what a stability pass evaluates (the paths given to ``crystallab evaluate``).
+        stability: ``{"potential": P, "hull": NAME}`` runs `engine.evaluate.stability.run_stability` first.
+        reference, cutoffs: see `evaluate_sample_set`.
+
+    Returns:
+        Metrics as ``{"value", "definition"}``: the S.U.N. entries when ``stability_dir/stability.csv`` exists, the
+        distribution entries when ``reference`` is given; nothing otherwise.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if stability is not None:
+        try:  # the stability half of issue 13 (potentials, relaxation, hulls)
+            from engine.evaluate.stability import run_stability
+        except ImportError:
+            raise InputError(_NO_STABILITY) from None
+        run_stability(inputs, stability["potential"], stability["hull"], stability_dir)
+    table = None
+    if (stability_dir / "stability.csv").is_file():
+        from engine.evaluate.sun import read_stability, structures_from_table, sun_metrics
+
+        table = read_stability(stability_dir / "stability.csv")
+        out.update(sun_metrics(structures_from_table(df), table, train_index, n_submitted=len(df)))
+    if reference is not None:
+        from engine.evaluate.distribution import evaluate_distribution
+
+        if table is not None:  # E_hull in the order of the evaluation table
+            table = (table.assign(file=table["file"].astype(str)).drop_duplicates("file").set_index("file")
+                     .reindex(df["file"].astype(str)).reset_index(drop=True))
+        out.update(evaluate_distribution(df, reference, cutoffs=cutoffs, stability=table, workers=workers))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,6 +501,14 @@ def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     _check_out(out)
     _check_timeout(args.timeout)
+    if args.stability and not args.hull:
+        raise InputError("--stability needs --hull NAME (a hull built with `crystallab hull build`)")
+    if args.stability and importlib.util.find_spec("engine.evaluate.stability") is None:
+        raise InputError(_NO_STABILITY)
+    if args.cutoffs is not None:
+        from engine.evaluate.distribution import resolve_cutoffs
+
+        resolve_cutoffs(args.cutoffs)
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers} must be at least 1 (default: the CPU count)")
     items, prompt, finished = _collect(args.inputs)
@@ -458,6 +528,12 @@ def _run_cli(args: argparse.Namespace) -> int:
         )
     write_table(df, out)
     metrics = set_metrics(df, train_index=train_index, prompt=prompt)
+    folders = [Path(a).expanduser() for a in args.inputs if Path(a).expanduser().is_dir()]
+    stability_dir = folders[0] if len(args.inputs) == 1 and folders else out.parent
+    metrics.update(extra_metrics(
+        df, stability_dir, inputs=[Path(a).expanduser() for a in args.inputs], train_index=train_index,
+        reference=args.reference, cutoffs=args.cutoffs, workers=args.workers,
+        stability={"potential": args.potential, "hull": args.hull} if args.stability else None))
     summary = out.with_name(f"{out.stem}_summary.json")
     atomic_write_json(summary, metrics)
     width = max(len(name) for name in metrics)
@@ -471,6 +547,11 @@ def _run_cli(args: argparse.Namespace) -> int:
     hint = _p1_hint(df)
     if hint:
         lines.append(hint)
+    if args.reference or "sun_rate" in metrics:
+        from engine.evaluate.report import set_row_from_metrics
+        from engine.evaluate.tables import published_tables_markdown
+
+        lines += ["", published_tables_markdown(pd.DataFrame([set_row_from_metrics(metrics, label=out.stem)]))]
     lines.append(f"wrote {out} and {summary}")
     broken = int(df["failure_reason"].isin(["check_error", "worker_crashed"]).sum())
     if broken:
@@ -501,4 +582,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="per-file time box in seconds, > 0 (default 30)")
     p.add_argument("--processed", action="store_true", help="inputs are post-processed CIFs (every symmetry "
                    "operator listed), not raw texts or canonical CIFs")
+    p.add_argument("--reference", help="reference set for COV-R / COV-P and Wasserstein distances: a CSV with a "
+                   "'cif' column (e.g. MP-20's test.csv), a folder of CIFs or a dataset name")
+    p.add_argument("--cutoffs", default=None, help="COV cutoffs: mp20 (0.4,10; default), perov5 or carbon24 "
+                   "(0.2,4), or STRUCT,COMP")
+    p.add_argument("--stability", action="store_true", help="relax every sample with a potential and measure "
+                   "E_hull against --hull (writes stability.csv), then report stable rates and S.U.N.")
+    p.add_argument("--hull", help="hull name for --stability (under <runs>/hulls)")
+    p.add_argument("--potential", default="chgnet", help="potential for --stability: chgnet (default), "
+                   "sevennet-0 or sevennet-l3i5")
     p.set_defaults(func=_run_cli)

@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from engine.evaluate import tables
+from engine.evaluate.tables import EXTRA_METRICS
 from engine.lab.errors import InputError
 from engine.lab.fsutil import atomic_write_text, read_json
 
@@ -60,6 +62,10 @@ MACRO = {"mean parsed": "parsed_rate", "mean valid": "valid_rate", "mean unique"
          "mean unique (valid)": "unique_valid_rate", "mean distinct formulas": "distinct_formulas",
          "mean space groups": "distinct_spacegroups"}
 
+# Distribution and stability columns of the per-checkpoint table (issue 13): label -> row column.
+STABILITY_COLUMNS = {"COV-R": "cov_recall", "COV-P": "cov_precision", "metastable": "metastable_rate",
+                     "S.U.N.": "sun_rate"}
+
 # Columns that are not evaluator metrics: label -> what it means in a table.
 COLUMN_LEGEND = {
     "checkpoint": "label of the model checkpoint (listed above with its file, step, sha256 and training data)",
@@ -87,6 +93,12 @@ def definitions() -> dict[str, str]:
 
     out = {label: _plain_words(METRIC_DEFINITIONS[metric]) for label, (_, _, metric) in COUNTS.items()}
     out.update({label: _plain_words(METRIC_DEFINITIONS[metric]) for label, metric in NUMBERS.items()})
+    from engine.evaluate.distribution import DISTRIBUTION_DEFINITIONS
+    from engine.evaluate.sun import METASTABLE_EV, STABLE_EV, SUN_DEFINITIONS
+
+    extra = {**DISTRIBUTION_DEFINITIONS,
+             **{k: v.format(stable=STABLE_EV, metastable=METASTABLE_EV) for k, v in SUN_DEFINITIONS.items()}}
+    out.update({label: extra[column] for label, column in STABILITY_COLUMNS.items()})
     return out
 
 
@@ -157,6 +169,7 @@ def set_row(set_dir: str | os.PathLike, checkpoint: str | None = None, cell: str
         low, high = wilson_interval(row[count_col], n) if rate is not None and n else (None, None)
         row[f"{rate_col}_ci_low"], row[f"{rate_col}_ci_high"] = low, high
     row.update({col: _metric(summary, col) for col in NUMBERS.values()})
+    row.update({col: _metric(summary, col) for col in EXTRA_METRICS})  # distribution and stability (issue 13)
     row.update(checkpoint_path=path, checkpoint_step=ckpt.get("step"), checkpoint_sha256=ckpt.get("sha256"),
                **checkpoint_provenance(path, ckpt.get("sha256")), device=config.get("device"),
                crystallab_version=config.get("version"), sampled_at=config.get("created_at"), set_dir=str(set_dir))
@@ -166,6 +179,11 @@ def set_row(set_dir: str | os.PathLike, checkpoint: str | None = None, cell: str
 _GPT_SAMPLING = frozenset(("n", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "constrain", "batch_size",
                            "allowed_elements", "constrain_spacegroup", "use_cache"))
 """Sampling keys of the GPT family's sample sets that have their own columns (or are derived from them)."""
+
+
+def set_row_from_metrics(metrics: dict[str, Any], label: str) -> dict[str, Any]:
+    """A row for `engine.evaluate.tables` from a metrics dict alone (``crystallab evaluate`` on loose files)."""
+    return {"label": label, **{col: _metric(metrics, col) for col in EXTRA_METRICS}}
 
 
 def checkpoint_provenance(path: str | None, sha256: str | None) -> dict[str, Any]:
@@ -304,6 +322,9 @@ def per_checkpoint_table(df: pd.DataFrame, with_set: bool = False) -> pd.DataFra
     out["space groups"] = df["distinct_spacegroups"].map(fmt_count_value)
     if _applies(df, "novelty"):
         out["novelty"] = df["novelty"].map(fmt_rate)
+    for label, column in STABILITY_COLUMNS.items():  # when a reference set / stability pass was evaluated
+        if _applies(df, column):
+            out[label] = df[column].map(fmt_rate if column.endswith("_rate") else lambda v: fmt_value(v, 3))
     return out.reset_index(drop=True)
 
 
@@ -494,6 +515,8 @@ def summary_markdown(df: pd.DataFrame, *, title: str = "Sampling report", descri
                   "and setting.", "", markdown_table(macro), ""]
         shown += list(macro.columns)
     shown += ["T", "top-k", "top-p", "seed", "constrained"]  # named in the sampling line when not columns
+    if any(tables.has_extras(df)):
+        lines += [tables.published_tables_markdown(df)]
     lines += _legend(shown, with_files)
     return "\n".join(lines) + "\n"
 

@@ -109,6 +109,11 @@ class SweepConfig:
     """Token dataset (name under ``runs/data/`` or a folder) whose training CIFs define novelty; None: no novelty."""
     overlap: bool = True
     """Evaluate each cell in the background while the next is sampled; false: one after the other (timing)."""
+    reference: dict[str, Any] | None = None
+    """Reference set for COV-R / COV-P and Wasserstein distances: a path (CSV with a cif column, CIF folder, dataset
+    name) or ``{path, cutoffs: mp20 | perov5 | carbon24 | [STRUCT, COMP], limit: N}``; null: none."""
+    stability: dict[str, str] | None = None
+    """Stability pass of every cell: ``{potential: chgnet | sevennet-0 | sevennet-l3i5, hull: NAME}``; null: none."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready mapping (tuples as lists)."""
@@ -199,6 +204,63 @@ def _prompt_spec(source: str, i: int, value: Any) -> dict[str, Any]:
                         f"got {value!r}")
 
 
+POTENTIALS = ("chgnet", "sevennet-0", "sevennet-l3i5")
+"""Potential names a sweep's ``stability`` key accepts (issue 13; `engine.evaluate.potentials` loads them)."""
+
+
+def _reference_spec(source: str, value: Any) -> dict[str, Any]:
+    """``reference``: a path, or a mapping {path, cutoffs, limit}; cutoffs and limit are checked here."""
+    from engine.evaluate.distribution import resolve_cutoffs
+
+    spec = {"path": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict):
+        raise _fail(source, f"reference must be a path or a mapping {{path, cutoffs, limit}}, got {value!r}")
+    unknown = sorted(set(spec) - {"path", "cutoffs", "limit"})
+    if unknown:
+        raise _fail(source, f"reference has unknown key(s) {unknown}; use path, cutoffs and limit")
+    if not isinstance(spec.get("path"), str) or not spec["path"].strip():
+        raise _fail(source, "reference needs a path: a CSV with a 'cif' column, a folder of CIFs or a dataset name")
+    cutoffs = spec.get("cutoffs") or "mp20"
+    try:
+        struct, comp = resolve_cutoffs(",".join(map(str, cutoffs)) if isinstance(cutoffs, (list, tuple))
+                                       else str(cutoffs))
+    except InputError as exc:
+        raise _fail(source, f"reference.cutoffs: {exc}") from None
+    limit = spec.get("limit")
+    if limit is not None:
+        limit = _number(source, "reference.limit", limit, int)
+        if limit < 1:
+            raise _fail(source, f"reference.limit must be at least 1 structure, got {limit}")
+    return {"path": spec["path"].strip(), "cutoffs": [struct, comp], "limit": limit}
+
+
+def _stability_spec(source: str, value: Any) -> dict[str, str]:
+    """``stability``: a mapping {potential, hull}."""
+    if not isinstance(value, dict):
+        raise _fail(source, f"stability must be a mapping {{potential, hull}}, got {value!r}")
+    unknown = sorted(set(value) - {"potential", "hull"})
+    if unknown:
+        raise _fail(source, f"stability has unknown key(s) {unknown}; use potential and hull")
+    potential = str(value.get("potential") or "chgnet").strip().lower()
+    if potential not in POTENTIALS:
+        raise _fail(source, f"stability.potential {potential!r} is not one of {', '.join(POTENTIALS)}")
+    hull = str(value.get("hull") or "").strip()
+    if not _LABEL_RE.match(hull):
+        raise _fail(source, f"stability.hull {hull!r} must name a hull built with `crystallab hull build` "
+                            "(letters, digits, '.', '_' and '-')")
+    return {"potential": potential, "hull": hull}
+
+
+def resolve_reference_path(path: str) -> Path:
+    """A reference path from a sweep config: absolute as given; relative to the working folder when it exists
+    there, else under the runs root; a bare name that is neither may be a dataset name under ``runs/data``."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    under_runs = get_settings().runs_dir / p
+    return under_runs if under_runs.exists() else p
+
+
 def resolve_prompt(spec: dict[str, Any]) -> Prompt:
     """The one prompt a sweep prompt spec names (a formula without Z is the cell as written).
 
@@ -256,6 +318,10 @@ def config_from_dict(raw: Any, source: str = "sweep config") -> SweepConfig:
         v["knobs"] = dict(raw["knobs"])
     if raw.get("train_dataset") not in (None, ""):
         v["train_dataset"] = str(raw["train_dataset"])
+    if raw.get("reference") not in (None, ""):
+        v["reference"] = _reference_spec(source, raw["reference"])
+    if raw.get("stability") not in (None, ""):
+        v["stability"] = _stability_spec(source, raw["stability"])
     ckpts = raw.get("checkpoints")
     if not isinstance(ckpts, dict) or not ckpts:
         raise _fail(source, "checkpoints must map at least one label to a checkpoint file, e.g. "
@@ -481,6 +547,7 @@ class _Sweep:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-eval")
         self.futures: dict[str, Future] = {}
         self.train_index = None
+        self.reference = None  # an engine.evaluate.distribution.Reference, read once per sweep
 
     # --- status ---
     def status(self, event: str | None, cell: Cell | None, **fields: Any) -> dict[str, Any]:
@@ -499,8 +566,11 @@ class _Sweep:
     def _evaluate(self, cell: Cell) -> None:
         from engine.evaluate.evaluation import evaluate_sample_set
 
+        ref = self.config.reference
         evaluate_sample_set(self.cells_dir / cell.name, workers=self.config.eval_workers,
-                            timeout_s=self.config.eval_timeout_s, train_index=self.train_index)
+                            timeout_s=self.config.eval_timeout_s, train_index=self.train_index,
+                            reference=self.reference, cutoffs=tuple(ref["cutoffs"]) if ref else None,
+                            stability=self.config.stability)
 
     def submit_eval(self, cell: Cell) -> None:
         self.futures[cell.name] = self.pool.submit(self._evaluate, cell)
@@ -556,13 +626,21 @@ def _classify(sweep: _Sweep, infos: dict[str, dict]) -> dict[str, str]:
             sweep.redone[cell.name] = reason
             state[cell.name] = "todo"
             sweep.status("redo", cell, message=f"redoing {cell.name}: {reason}")
-        elif (cell_dir / "eval_summary.json").exists():
+        elif (cell_dir / "eval_summary.json").exists() and _has_extras(sweep.config, cell_dir):
             sweep.done.add(cell.name)
             state[cell.name] = "done"
             sweep.status("skip", cell, message=f"{cell.name} is finished")
         else:
             state[cell.name] = "sampled"
     return state
+
+
+def _has_extras(config: SweepConfig, cell_dir: Path) -> bool:
+    """Whether a cell's summary holds the distribution / stability metrics the config asks for (a cell evaluated
+    before ``reference`` or ``stability`` was added is evaluated again)."""
+    summary = read_json(cell_dir / "eval_summary.json") or {}
+    want = (["cov_recall"] if config.reference else []) + (["stable_rate"] if config.stability else [])
+    return all(key in summary for key in want)
 
 
 def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
@@ -665,6 +743,11 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike | None = None, *,
             from engine.evaluate.evaluation import TrainingIndex
 
             sweep.train_index = TrainingIndex.from_dataset(_dataset_dir(config.train_dataset))
+        if config.reference and any(s != "done" for s in state.values()):
+            from engine.evaluate.distribution import load_reference
+
+            sweep.reference = load_reference(resolve_reference_path(config.reference["path"]),
+                                             limit=config.reference.get("limit"))
         for cell in sweep.cells:
             if state[cell.name] == "sampled":
                 sweep.submit_eval(cell)

@@ -166,3 +166,15 @@ def test_csp_oracle_bench_finds_every_target_that_passes_the_validity_filter(sha
     assert 0.5 < result["oracle_match_rate"] <= result["target_valid_rate"]
     assert result["oracle_rmse"] < 1e-3
     assert [r["workers"] for r in result["runs"]] == [1, 2] and all(r["samples_per_s"] > 0 for r in result["runs"])
+
+
+def test_distribution_bench_reports_cov_and_wasserstein(shared_dir):
+    data = shared_dir / "data" / "mp20_subset"
+    result = run_script("distribution", "--train", str(data / "train.csv"), "--test", str(data / "test.csv"),
+                        "--n-train", "3", "--n-test", "3", "--workers", "1", "--no-full-wdist")
+    assert_machine_record(result)
+    row = result["rows"][0]
+    assert 0 <= row["cov_recall"] <= 1 and 0 <= row["cov_precision"] <= 1
+    assert row["wdist_density"] >= 0 and row["wdist_n_elements"] >= 0
+    assert result["n_fingerprinted"] == 6 and result["cutoffs"] == {"struct": 0.4, "comp": 10.0}
+    assert "random subset" in result["train_label"]

@@ -15,7 +15,15 @@ import torch
 
 import engine.evaluate.sweeps as sweeps
 from engine.cli import main as cli_main
-from engine.evaluate.sweeps import SweepConfig, cell_name, config_from_dict, load_sweep_config, plan_cells, run_sweep
+from engine.evaluate.sweeps import (
+    SweepConfig,
+    cell_name,
+    config_from_dict,
+    dump_sweep_config,
+    load_sweep_config,
+    plan_cells,
+    run_sweep,
+)
 from engine.lab.errors import CheckpointError, ConfigError
 from engine.lab.fsutil import sha256_file
 from engine.lab.settings import get_settings
@@ -327,3 +335,54 @@ def test_train_dataset_by_name_feeds_the_novelty_index(ckpt, monkeypatch, shared
     out = run_sweep(_config(prompts=["Na2Cl2"], temperatures=[0.8], train_dataset="mini"))
     assert built == [get_settings().datasets_dir / "mini"]
     assert "novelty" in pd.read_csv(out / "summary.csv").columns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference and stability keys (issue 13)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"reference": {"cutoffs": "mp20"}}, "reference needs a path"),
+        ({"reference": {"path": "t.csv", "cutoffs": "mp21"}}, "reference.cutoffs: COV cutoffs 'mp21'"),
+        ({"reference": {"path": "t.csv", "limit": 0}}, "reference.limit must be at least 1"),
+        ({"reference": {"path": "t.csv", "cutof": 1}}, "reference has unknown key(s) ['cutof']"),
+        ({"stability": {"potential": "m3gnet", "hull": "mp20"}}, "stability.potential 'm3gnet' is not one of"),
+        ({"stability": {"potential": "chgnet"}}, "stability.hull '' must name a hull"),
+        ({"stability": "chgnet"}, "stability must be a mapping"),
+    ],
+)
+def test_bad_reference_or_stability_key_is_refused(changes, message):
+    with pytest.raises(ConfigError) as err:
+        _config(**changes)
+    assert message in str(err.value)
+
+
+def test_reference_and_stability_keys_resolve_and_round_trip(tmp_path):
+    cfg = _config(reference="t.csv", stability={"potential": "SevenNet-0", "hull": "mp20"})
+    assert cfg.reference == {"path": "t.csv", "cutoffs": [0.4, 10.0], "limit": None}
+    assert cfg.stability == {"potential": "sevennet-0", "hull": "mp20"}
+    assert _config(reference={"path": "t.csv", "cutoffs": [0.2, 4], "limit": 50}).reference["cutoffs"] == [0.2, 4.0]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(dump_sweep_config(cfg))
+    assert load_sweep_config(path) == cfg
+
+
+def test_reference_gives_every_cell_distribution_metrics_and_a_done_cell_is_completed(ckpt, tmp_path):
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.cif import CifWriter
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    ref = tmp_path / "ref.csv"
+    pd.DataFrame({"material_id": ["a"], "cif": [str(CifWriter(nacl.get_primitive_structure()))]}).to_csv(ref,
+                                                                                                        index=False)
+    out = run_sweep(_config(prompts=["Na2Cl2"], temperatures=[0.8]))
+    assert "cov_recall" not in json.loads(next((out / "cells").glob("*/eval_summary.json")).read_text())
+    recorder = Recorder()
+    run_sweep(_config(prompts=["Na2Cl2"], temperatures=[0.8], reference=str(ref)), progress=recorder)
+    assert recorder.cells("skip") == [] and recorder.cells("sample") == []  # evaluated again, not resampled
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["cov_recall"].notna().all() and "wdist_density" in summary.columns
+    md = (out / "summary.md").read_text()
+    assert "## In the shape of the published tables" in md and "| ours: tiny / Na2Cl2" in md
