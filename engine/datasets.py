@@ -4,8 +4,9 @@ A dataset folder (``runs/data/<name>/`` by default) holds:
 
 - ``train.bin`` / ``val.bin``: raw little-endian uint16 token ids, CIFs concatenated, each ending in its two
   newlines, no separator (what upstream CrystaLLM trains on).
-- ``meta.pkl`` (upstream layout ``{"vocab_size", "itos": {int: str}, "stoi": {str: int}}``) and ``meta.json``
-  (the same; JSON turns the ``itos`` keys into strings).
+- ``meta.pkl`` (upstream layout ``{"vocab_size", "itos": {int: str}, "stoi": {str: int}}``, space-group ids
+  spelt bare in ``itos`` as upstream writes them) and ``meta.json`` (the same; JSON turns the ``itos`` keys into
+  strings).
 - ``starts.pkl`` / ``starts_val.pkl``: sorted offsets where each CIF's ``data_`` token begins.
 - ``rejects.jsonl`` (``{"source", "name", "reason"}`` per input that could not be used: a CIF, or a whole
   source file that could not be read when several sources were given), ``duplicates.jsonl``

@@ -31,7 +31,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.safe_pickle import load_pickle
-from engine.vocab import TOKENS, VOCAB_SIZE, meta_dict
+from engine.vocab import SG_SUFFIX, STOI, TOKENS, VOCAB_SIZE, meta_dict
 
 Progress = Callable[[int, int], None]
 READ_CHUNK = 1 << 22  # bytes per read when copying or scanning token files (4 MiB: even, so uint16-aligned)
@@ -320,7 +320,11 @@ def _read_builtin(label: str) -> list[SourceItem]:
 
 
 def check_vocab(meta: Any, label: str) -> dict:
-    """Validate an upstream ``meta`` dict against our vocabulary; return it in canonical form (int keys)."""
+    """Validate an upstream ``meta`` dict against our vocabulary; return it in canonical form (`meta_dict`).
+
+    A space-group id may be spelt bare in ``itos`` (``143: 'P6/mmm'``, what upstream writes) or with its suffix
+    (``'P6/mmm_sg'``): the ids are what matter. ``stoi``, when present, must be ours exactly.
+    """
     if not isinstance(meta, dict) or not isinstance(meta.get("itos"), (dict, list)):
         raise InputError(f"{label} is not a CrystaLLM meta file: expected a dict with 'vocab_size', 'itos' "
                          "and 'stoi'.")
@@ -329,14 +333,18 @@ def check_vocab(meta: Any, label: str) -> dict:
         theirs = dict(enumerate(itos)) if isinstance(itos, list) else {int(k): v for k, v in itos.items()}
     except (TypeError, ValueError):
         raise InputError(f"{label}: 'itos' keys must be token ids (integers).") from None
+
+    def same(i: int, token: Any) -> bool:
+        ours = TOKENS[i] if i < VOCAB_SIZE else None
+        return token == ours or (ours is not None and ours.endswith(SG_SUFFIX) and token == ours[: -len(SG_SUFFIX)])
+
     diffs = [f"id {i}: file {theirs.get(i)!r} vs ours {TOKENS[i] if i < VOCAB_SIZE else None!r}"
-             for i in range(max(VOCAB_SIZE, max(theirs, default=0) + 1))
-             if theirs.get(i) != (TOKENS[i] if i < VOCAB_SIZE else None)]
+             for i in range(max(VOCAB_SIZE, max(theirs, default=0) + 1)) if not same(i, theirs.get(i))]
     if meta.get("vocab_size") != VOCAB_SIZE:
         diffs.insert(0, f"vocab_size {meta.get('vocab_size')!r} vs ours {VOCAB_SIZE}")
     stoi = meta.get("stoi")
-    if not diffs and isinstance(stoi, dict) and stoi != {t: i for i, t in enumerate(TOKENS)}:
-        diffs.append("'stoi' is not the inverse of 'itos'")
+    if not diffs and isinstance(stoi, dict) and stoi != STOI:
+        diffs.append("'stoi' does not map each token to the id 'itos' gives it")
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
         raise InputError(f"{label}: the vocabulary differs from CrystaLLM's 371 tokens ({shown}). Token ids "
