@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 
 from engine.fsutil import read_json, read_jsonl
-
 from engine.settings import REPO_ROOT, get_settings
 from engine.viewer import asset_status, ensure_3dmol_js
 
@@ -115,10 +114,12 @@ def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
     """Sample-set folders (holding ``config.json`` and ``samples.jsonl``) under ``root``, newest first.
 
     A formula sampled for several Z is a folder of sets (``z1/``, ``z2/`` ...), and a sweep holds one set per
-    cell, hence the search a few levels deep.
+    cell, hence the search a few levels deep. A symlink that leads outside the lab's allowed folders (the runs
+    root and ``CRYSTALLAB_DATA_DIRS``) is not followed.
     """
     root = Path(root)
     found: list[Path] = []
+    allowed = get_settings().is_allowed
 
     def walk(folder: Path, level: int) -> None:
         if (folder / "samples.jsonl").is_file() and (folder / "config.json").is_file():
@@ -127,7 +128,7 @@ def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
         if level == 0:
             return
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.name.startswith("."):
+            if child.is_dir() and not child.name.startswith(".") and allowed(child):
                 walk(child, level - 1)
 
     if root.is_dir():
@@ -165,23 +166,46 @@ def sample_table(set_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
-    """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files."""
+    """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files.
+
+    Only files inside the lab's allowed folders go in: a symlink leading elsewhere is left out.
+    """
     import io
     import zipfile
 
     set_dir = Path(set_dir)
+    allowed = get_settings().is_allowed
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for sub in ("processed", "raw"):
             for f in sorted((set_dir / sub).glob("*")):
-                zf.write(f, f"{set_dir.name}/{sub}/{f.name}")
+                if f.is_file() and allowed(f):
+                    zf.write(f, f"{set_dir.name}/{sub}/{f.name}")
         for name in ("config.json", "samples.jsonl", "eval.csv", "eval_summary.json"):
-            if (set_dir / name).is_file():
+            if (set_dir / name).is_file() and allowed(set_dir / name):
                 zf.write(set_dir / name, f"{set_dir.name}/{name}")
     return buf.getvalue()
 
 
+def address_warning(address: str) -> str | None:
+    """A warning when ``address`` makes the lab reachable from other machines (None for loopback addresses)."""
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(address.strip().strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: whatever it resolves to, it is not obviously this machine only
+        pass
+    return (f"--address {address} serves the lab beyond this machine: anyone who can reach it can use the lab "
+            "(read and write its runs, start jobs) with no login. Prefer 127.0.0.1 and an SSH tunnel "
+            "(ssh -L 8501:127.0.0.1:8501 server), or put it behind an authenticating proxy.")
+
+
 def _run(args: argparse.Namespace) -> int:
+    if (warning := address_warning(args.address)) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     if ensure_3dmol_js(download=not args.offline) is None:
         print(f"warning: {asset_status()}; 3D views will fall back to a simple plot", file=sys.stderr)
     settings = get_settings()

@@ -260,9 +260,10 @@ def test_non_cif_files_in_folders_and_archives_are_counted_as_skipped(mp20_rows,
         zf.writestr("docs/readme.txt", "not a CIF")
     stats = build_dataset([folder, tmp_path / "mixed.zip"], tmp_path / "out", val_fraction=0, workers=1)
     assert (stats["inputs"], stats["rejected"], stats["skipped"]) == (5, 0, 3)
-    assert stats["skipped_files"] == [{"source": str(folder), "name": "._c0.cif"},
-                                      {"source": str(folder), "name": "readme.txt"},
-                                      {"source": str(tmp_path / "mixed.zip"), "name": "docs/readme.txt"}]
+    assert stats["skipped_files"] == [
+        {"source": str(folder), "name": "._c0.cif", "reason": "a macOS resource fork, not a CIF"},
+        {"source": str(folder), "name": "readme.txt", "reason": "not a .cif file"},
+        {"source": str(tmp_path / "mixed.zip"), "name": "docs/readme.txt", "reason": "not a .cif file"}]
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["skipped"] == 3
 
 
