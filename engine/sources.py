@@ -35,6 +35,8 @@ from engine.safe_pickle import load_pickle
 from engine.vocab import SG_SUFFIX, STOI, TOKENS, VOCAB_SIZE, meta_dict
 
 Progress = Callable[[int, int], None]
+META_MAX_BYTES = 16 * 2**20
+"""Largest ``meta.pkl`` read out of a token archive (upstream's is about 10 kB)."""
 READ_CHUNK = 1 << 22  # bytes per read when copying or scanning token files (4 MiB: even, so uint16-aligned)
 
 BUILTIN_DEFAULT_N = 5000
@@ -583,7 +585,10 @@ def extract_token_archive(archive: Path, dest: Path, progress: Progress | None) 
                     found[base] = member.name
                     fh = tar.extractfile(member)
                     if base == "meta.pkl":
-                        meta_bytes = fh.read()
+                        meta_bytes = fh.read(META_MAX_BYTES + 1)  # upstream's is 10 kB; never read a bomb whole
+                        if len(meta_bytes) > META_MAX_BYTES:
+                            raise InputError(f"{archive}: {member.name} is over {ReadLimits.mb(META_MAX_BYTES)}; a "
+                                             "CrystaLLM meta.pkl holds 371 tokens (about 10 kB). Check the archive.")
                     else:
                         copy_stream(fh, dest / base, report)
         except (tarfile.TarError, EOFError, OSError) as exc:

@@ -191,3 +191,18 @@ def test_one_rule_for_files_that_are_not_utf8(tmp_path, capsys):
                                       "UTF-16 -t UTF-8).\n"
     with pytest.raises(InputError, match="UTF-16 text; save it as UTF-8"):
         build_dataset([utf16], tmp_path / "e", val_fraction=0, workers=1)
+
+
+def test_an_oversized_meta_pkl_in_a_token_archive_is_not_read_whole(tmp_path, monkeypatch):
+    import engine.sources
+    from engine.datasets import import_tokens
+
+    monkeypatch.setattr(engine.sources, "META_MAX_BYTES", 4096)
+    archive = tmp_path / "tokens.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, size in (("t/meta.pkl", 8192), ("t/train.bin", 4), ("t/val.bin", 0)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tf.addfile(info, io.BytesIO(bytes(size)))
+    with pytest.raises(InputError, match=r"t/meta.pkl is over 4 kB; a CrystaLLM meta.pkl holds 371 tokens"):
+        import_tokens(archive, tmp_path / "out")
