@@ -302,9 +302,9 @@ def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -
     """Ask a running job to stop; returns its state afterwards.
 
     Writes ``STOP`` in the job's target folder when that exists (the trainer finishes its step, saves a
-    checkpoint and exits); if the job is still alive ``grace_s`` seconds later it gets SIGTERM. The deadline is also enforced by
-    every later ``job_state`` call, so it holds across dashboard restarts; a job that survives SIGTERM by
-    ``KILL_AFTER_S`` seconds is killed.
+    checkpoint and exits); if the job is still alive ``grace_s`` seconds later it gets SIGTERM. The deadline is
+    also enforced by every later ``job_state`` call, so it holds across dashboard restarts; a job that survives
+    SIGTERM by ``KILL_AFTER_S`` seconds is killed.
 
     Args:
         grace_s: seconds to wait for a clean exit before SIGTERM; 0 terminates at once.

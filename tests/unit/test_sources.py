@@ -120,7 +120,8 @@ def test_a_zip_bomb_member_is_rejected_unread(tmp_path):
     assert peak < 4 * 2**20  # judged from its header: never decompressed
     (good, bomb) = scan.items
     assert good.error is None
-    assert re.fullmatch(r"it would expand more than 200-fold \(50 MB from \d+ kB\): a zip bomb, not CIF text", bomb.error)
+    assert re.fullmatch(r"it would expand more than 200-fold \(50 MB from \d+ kB\): a zip bomb, not CIF text",
+                        bomb.error)
     plain = ReadLimits(file_bytes=8 * 2**20, max_ratio=1e9)  # the size cap alone catches it too
     assert "decompresses to 50 MB, over the 8 MB" in scan_source(archive, limits=plain).items[1].error
 
