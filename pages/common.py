@@ -118,9 +118,11 @@ def all_jobs() -> list[Path]:
 
 
 def _dirs(root: Path, marker: str) -> list[Path]:
+    """Folders under ``root`` holding ``marker``; a symlink leading outside the allowed folders is not followed."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and (p / marker).exists()]
+    s = settings()
+    found = [p for p in root.iterdir() if p.is_dir() and (p / marker).exists() and s.is_allowed(p / marker)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -137,8 +139,10 @@ def train_runs() -> list[Path]:
 def checkpoints() -> list[Path]:
     """Every checkpoint of every training run, newest run first (``best`` before ``last``)."""
     out = []
-    for run in _dirs(settings().train_dir, "ckpt"):
-        out += sorted((run / "ckpt").glob("*.pt"), key=lambda p: (p.stem != "best", p.name))
+    s = settings()
+    for run in _dirs(s.train_dir, "ckpt"):
+        out += sorted((p for p in (run / "ckpt").glob("*.pt") if s.is_allowed(p)),
+                      key=lambda p: (p.stem != "best", p.name))
     return out
 
 

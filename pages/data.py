@@ -131,13 +131,14 @@ with st.expander("Build a dataset", expanded=not common.datasets()):
                 folder = s.runs_dir / "uploads" / name
                 for f in uploads:
                     atomic_write_bytes(folder / Path(f.name).name, f.getvalue())
-                argv = ["data", "build", *[str(folder / Path(f.name).name) for f in uploads], "--out", str(out)]
+                argv = ["data", "build", *[str(folder / Path(f.name).name) for f in uploads], "--out", str(out),
+                        "--confine"]
             else:
                 if not server_path.strip():
                     raise InputError("give a path on the server")
                 src = s.resolve_user_path(server_path.strip())
                 sub = "import-tokens" if kind == "CrystaLLM token archive" else "build"
-                argv = ["data", sub, str(src), "--out", str(out)]
+                argv = ["data", sub, str(src), "--out", str(out)] + (["--confine"] if sub == "build" else [])
             argv += argv_extra
             common.launch(argv, "data", name, target=out)
         if kind == "Upload CIFs / zip / CSV":
@@ -177,6 +178,10 @@ if job is not None:
             else:
                 st.progress(0.0, text=f"Building {job.name}: reading {what}...")
             common.job_panel(job, key="data_job", stoppable=False)
+            # A build holds nothing worth saving half-way: stop it at once (nothing is published).
+            if st.button("Stop", key="data_stop", icon=":material/stop:"):
+                jobs.request_stop(job, grace_s=0)
+                st.toast("Stop requested: the build ends without writing a dataset")
 
         _watch()
     elif failed_build is not None:
@@ -249,8 +254,9 @@ if failed_build is not None:
 rejects = pd.DataFrame(list(read_jsonl(ds / "rejects.jsonl")), columns=["source", "name", "reason"])
 st.subheader(f"Rejects of {ds.name} ({len(rejects)})")
 if stats.get("skipped"):
-    names = ", ".join(f["name"] for f in stats.get("skipped_files", [])[:10])
-    st.caption(f"Skipped {stats['skipped']:,} file(s) that are not .cif: {names}"
+    names = ", ".join(f"{f['name']} ({f.get('reason', 'not a .cif file')})"
+                      for f in stats.get("skipped_files", [])[:10])
+    st.caption(f"Skipped {stats['skipped']:,} file(s) that were not read: {names}"
                + (", ..." if stats["skipped"] > 10 else ""))
 if rejects.empty:
     st.caption("Every input was usable.")

@@ -168,10 +168,12 @@ def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
     """Sample-set folders (holding ``config.json`` and ``samples.jsonl``) under ``root``, newest first.
 
     A formula sampled for several Z is a folder of sets (``z1/``, ``z2/`` ...), and a sweep holds one set per
-    cell, hence the search a few levels deep.
+    cell, hence the search a few levels deep. A symlink that leads outside the lab's allowed folders (the runs
+    root and ``CRYSTALLAB_DATA_DIRS``) is not followed.
     """
     root = Path(root)
     found: list[Path] = []
+    allowed = get_settings().is_allowed
 
     def walk(folder: Path, level: int) -> None:
         if (folder / "samples.jsonl").is_file() and (folder / "config.json").is_file():
@@ -180,7 +182,7 @@ def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:
         if level == 0:
             return
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.name.startswith("."):
+            if child.is_dir() and not child.name.startswith(".") and allowed(child):
                 walk(child, level - 1)
 
     if root.is_dir():
@@ -254,18 +256,23 @@ def sample_reason(row: dict | pd.Series) -> str | None:
 
 
 def sample_set_zip(set_dir: str | os.PathLike) -> bytes:
-    """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files."""
+    """A zip of a sample set: its processed CIFs, raw texts, config and evaluation files.
+
+    Only files inside the lab's allowed folders go in: a symlink leading elsewhere is left out.
+    """
     import io
     import zipfile
 
     set_dir = Path(set_dir)
+    allowed = get_settings().is_allowed
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for sub in ("processed", "raw"):
             for f in sorted((set_dir / sub).glob("*")):
-                zf.write(f, f"{set_dir.name}/{sub}/{f.name}")
+                if f.is_file() and allowed(f):
+                    zf.write(f, f"{set_dir.name}/{sub}/{f.name}")
         for name in ("config.json", "samples.jsonl", "eval.csv", "eval_summary.json"):
-            if (set_dir / name).is_file():
+            if (set_dir / name).is_file() and allowed(set_dir / name):
                 zf.write(set_dir / name, f"{set_dir.name}/{name}")
     return buf.getvalue()
 
@@ -290,8 +297,27 @@ def extend_data_dirs(dirs: list[str] | None) -> None:
         os.environ["CRYSTALLAB_DATA_DIRS"] = os.pathsep.join(dict.fromkeys(current + extra))
 
 
+
+def address_warning(address: str) -> str | None:
+    """A warning when ``address`` makes the lab reachable from other machines (None for loopback addresses)."""
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(address.strip().strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: whatever it resolves to, it is not obviously this machine only
+        pass
+    return (f"--address {address} serves the lab beyond this machine: anyone who can reach it can use the lab "
+            "(read and write its runs, start jobs) with no login. Prefer 127.0.0.1 and an SSH tunnel "
+            "(ssh -L 8501:127.0.0.1:8501 server), or put it behind an authenticating proxy.")
+
+
 def _run(args: argparse.Namespace) -> int:
     extend_data_dirs(args.data_dir)
+    if (warning := address_warning(args.address)) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     if ensure_3dmol_js(download=not args.offline) is None:
         print(f"warning: {asset_status()}; 3D views will fall back to a simple plot", file=sys.stderr)
     settings = get_settings()

@@ -38,6 +38,11 @@ SYMPREC = 0.1
 """Symmetry tolerance in angstrom for ``CifWriter`` (the value CrystaLLM's data was made with)."""
 DECIMALS = 4
 """Decimals kept in every number of a canonical CIF."""
+MAX_SITES = 500
+"""Most sites a structure may have to be canonicalized: symmetrizing a large cell takes spglib seconds to minutes
+(2,000 sites: about 13 s; 5,000: over 7 minutes), and CrystaLLM-sized models never see cells this large."""
+TIMEOUT_S = 60.0
+"""Default time box for canonicalizing one input in ``data build`` and ``cif canonicalize`` (seconds)."""
 
 _Z = re.compile(r"_cell_formula_units_Z\s+(\S+)")
 _FORMULA_SUM = re.compile(r"_chemical_formula_sum\s+('([^']+)'|(\S+))")
@@ -218,16 +223,27 @@ def _apply_edits(cif_text: str) -> str:
     return _NUMBER.sub(_round_number, "\n".join(lines))
 
 
-def canonicalize_structure(structure: Structure) -> str:
+def _check_size(n_sites: int, max_sites: int | None, what: str = "the structure has") -> None:
+    if max_sites is not None and n_sites > max_sites:
+        raise InputError(f"too_many_sites: {what} {n_sites} sites, over the limit of {max_sites} (symmetrizing it "
+                         "could take minutes); raise --max-sites to canonicalize it anyway")
+
+
+def canonicalize_structure(structure: Structure, max_sites: int | None = MAX_SITES) -> str:
     """Canonical CrystaLLM CIF of a pymatgen structure.
 
     Only the lattice, the elements and the fractional coordinates matter: oxidation states (the vocabulary has
     none), site labels and site properties are dropped, so the text does not depend on how the structure was made.
 
+    Args:
+        structure: the crystal.
+        max_sites: refuse structures with more sites than this before symmetrizing (None: no limit).
+
     Raises:
-        InputError: the structure is disordered or partially occupied, or holds an element outside the
-            vocabulary, or cannot be symmetrized.
+        InputError: the structure is disordered or partially occupied, holds an element outside the
+            vocabulary, has more than ``max_sites`` sites, or cannot be symmetrized.
     """
+    _check_size(len(structure), max_sites)
     for index, site in enumerate(structure):
         if not site.is_ordered:
             raise InputError(
@@ -249,21 +265,27 @@ def canonicalize_structure(structure: Structure) -> str:
     return _apply_edits(text)
 
 
-def canonicalize(cif_text: str, symmetrized: bool = False) -> str:
+def canonicalize(cif_text: str, symmetrized: bool = False, max_sites: int | None = MAX_SITES) -> str:
     """Canonical CrystaLLM CIF text (comment lines kept) from CIF text.
 
     Args:
         cif_text: one CIF.
         symmetrized: the text is already ``CifWriter(structure, symprec=0.1)`` output (or a canonical CIF /
             model view): only apply the edits, without re-parsing and re-symmetrizing.
+        max_sites: refuse a CIF with more sites than this (None: no limit); its atom-site rows are counted before
+            parsing, since parsing a large cell is slow too.
 
     Raises:
-        InputError: unparseable CIF, disorder / partial occupancy, Z = 0, or an element outside the vocabulary.
+        InputError: unparseable CIF, disorder / partial occupancy, Z = 0, an element outside the vocabulary, or
+            more than ``max_sites`` sites.
     """
     check_cell_parameters(cif_text)
     if symmetrized:
         return _apply_edits(cif_text)
-    return canonicalize_structure(_parse(cif_text))
+    span = _loop_span(cif_text.split("\n"), "_atom_site_fract_x")
+    if span is not None:  # each row is at least one site once symmetry is applied
+        _check_size(span[2] - span[1], max_sites, "its atom-site loop lists")
+    return canonicalize_structure(_parse(cif_text), max_sites)
 
 
 def model_view(text: str) -> str:
@@ -282,12 +304,40 @@ def structure_to_model_view(structure: Structure) -> str:
 
 
 def _read(name: str) -> str:
-    if name == "-":
+    """A CIF file's text under the lab's one rule for encodings (`engine.data.sources.decode_cif_bytes`)."""
+    from engine.data.sources import decode_cif_bytes, first_non_utf8_line, latin1_warning
+
+    if name == "-" and not hasattr(sys.stdin, "buffer"):  # stdin replaced by a text stream (an embedding program)
         return sys.stdin.read()
     try:
-        return Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read: {exc}") from exc
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read it ({exc.strerror or exc}); check the path") from None
+    text, was_latin1 = decode_cif_bytes(data, "the file")
+    if was_latin1:
+        print(f"warning: {latin1_warning(name, first_non_utf8_line(data))}", file=sys.stderr)
+    return text
+
+
+def warm_up() -> None:
+    """Canonicalize a two-atom rock salt once: pymatgen and spglib pay their first-use costs here (`run_pool`)."""
+    from pymatgen.core import Lattice
+
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    canonicalize(str(CifWriter(rock_salt)))
+
+
+def _canonicalize_task(text: str, symmetrized: bool, max_sites: int | None) -> tuple[str | None, str | None]:
+    """One file in a pool worker: ``(model view, None)`` or ``(None, reason)``."""
+    try:
+        return model_view(canonicalize(text, symmetrized=symmetrized, max_sites=max_sites)), None
+    except CrystallabError as exc:
+        return None, str(exc)
+
+
+def _pool_problem(reason: str, detail: str) -> tuple[None, str]:
+    hint = "; raise --timeout, or leave this file out" if reason == "timeout" else ""
+    return None, f"{reason}: {detail}{hint}"
 
 
 def _for_each_file(files: list[str], handle: Callable[[str, str], None]) -> int:
@@ -316,10 +366,39 @@ def _tolerate_closed_stdout(run: Callable[[], int]) -> int:
 
 
 def _cmd_canonicalize(args: argparse.Namespace) -> int:
-    def handle(name: str, text: str) -> None:
-        sys.stdout.write(model_view(canonicalize(text, symmetrized=args.symmetrized)))
+    from engine.lab.pool import run_pool
 
-    return _tolerate_closed_stdout(lambda: _for_each_file(args.files, handle))
+    if args.timeout is not None and args.timeout <= 0:
+        raise InputError(f"--timeout {args.timeout:g}: give a positive number of seconds (default {TIMEOUT_S:g})")
+    if args.max_sites < 1:
+        raise InputError(f"--max-sites {args.max_sites}: give a whole number of at least 1 (default {MAX_SITES})")
+
+    def run() -> int:
+        failed = 0
+        # Batches keep output flowing for long file lists; each input runs in a killable worker with a time box.
+        for a in range(0, len(args.files), 64):
+            names, results = args.files[a:a + 64], []
+            texts: dict[int, str] = {}
+            for i, name in enumerate(names):
+                try:
+                    texts[i] = _read(name)
+                except CrystallabError as exc:
+                    results.append((i, (None, str(exc))))
+            tasks = [(k, texts[i], args.symmetrized, args.max_sites) for k, i in enumerate(sorted(texts))]
+            workers = min(len(tasks), args.workers or os.cpu_count() or 1)
+            done = run_pool(_canonicalize_task, tasks, workers, args.timeout, problem=_pool_problem,
+                            warm_up=warm_up) if tasks else []
+            results += list(zip(sorted(texts), done))
+            for i, (view, error) in sorted(results, key=lambda r: r[0]):
+                if error is None:
+                    sys.stdout.write(view)
+                else:
+                    failed += 1
+                    print(f"error: {names[i]}: {error}", file=sys.stderr)
+            sys.stdout.flush()
+        return 2 if failed else 0
+
+    return _tolerate_closed_stdout(run)
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
@@ -356,6 +435,11 @@ def add_cli(subparsers) -> None:
     canon.add_argument(
         "--symmetrized", action="store_true", help="inputs are already CifWriter(symprec=0.1) output: only edit"
     )
+    canon.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                       help=f"seconds one file may take; it is then stopped and reported (default {TIMEOUT_S:g})")
+    canon.add_argument("--max-sites", type=int, default=MAX_SITES,
+                       help=f"refuse structures with more sites than this, before symmetrizing (default {MAX_SITES})")
+    canon.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPU cores)")
     canon.set_defaults(func=_cmd_canonicalize)
 
     tok = sub.add_parser(

@@ -9,7 +9,7 @@ Id layout: 89 element symbols (0-88, not in Z order), digits (89-98), CIF keywor
 carrying the suffix ``_sg`` (143-369) and ``<unk>`` = 370.
 
 The module-level containers are shared by every caller: treat them as read-only. ``meta_dict()`` returns fresh
-copies for writing ``meta.pkl``.
+copies in upstream's ``meta.pkl`` layout for writing (space-group ids map to bare symbols in ``itos``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def vocab_fingerprint() -> str:
 def meta_dict() -> dict:
     """The vocabulary in CrystaLLM's ``meta.pkl`` layout: ``{"vocab_size", "itos": {int: str}, "stoi"}``.
 
+    As upstream's ``bin/tokenize_cifs.py`` writes it (``CIFTokenizer().id_to_token``): ``itos`` maps the 227
+    space-group ids to the bare symbol (``143: 'P6/mmm'``) while ``stoi`` keeps the suffix (``'P6/mmm_sg': 143``),
+    so upstream tools that rebuild text through ``meta["itos"]`` read our files as they read their own.
     Returns fresh dicts, safe to modify or pickle.
     """
-    return {"vocab_size": VOCAB_SIZE, "itos": dict(ITOS), "stoi": dict(STOI)}
+    itos = {i: tok[: -len(SG_SUFFIX)] if tok.endswith(SG_SUFFIX) else tok for i, tok in ITOS.items()}
+    return {"vocab_size": VOCAB_SIZE, "itos": itos, "stoi": dict(STOI)}

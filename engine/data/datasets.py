@@ -4,8 +4,9 @@ A dataset folder (``runs/data/<name>/`` by default) holds:
 
 - ``train.bin`` / ``val.bin``: raw little-endian uint16 token ids, CIFs concatenated, each ending in its two
   newlines, no separator (what upstream CrystaLLM trains on).
-- ``meta.pkl`` (upstream layout ``{"vocab_size", "itos": {int: str}, "stoi": {str: int}}``) and ``meta.json``
-  (the same; JSON turns the ``itos`` keys into strings).
+- ``meta.pkl`` (upstream layout ``{"vocab_size", "itos": {int: str}, "stoi": {str: int}}``, space-group ids
+  spelt bare in ``itos`` as upstream writes them) and ``meta.json`` (the same; JSON turns the ``itos`` keys into
+  strings).
 - ``starts.pkl`` / ``starts_val.pkl``: sorted offsets where each CIF's ``data_`` token begins.
 - ``rejects.jsonl`` (``{"source", "name", "reason"}`` per input that could not be used: a CIF, or a whole
   source file that could not be read when several sources were given), ``duplicates.jsonl``
@@ -29,7 +30,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +40,12 @@ import numpy as np
 from engine import __version__
 from engine.crystal.vocab import DATA_ID, ELEMENTS, NEWLINE_ID, SG_SUFFIX, STOI, TOKENS, UNK_ID, VOCAB_SIZE, meta_dict
 from engine.data.sources import (
+    DEFAULT_LIMITS,
     READ_CHUNK,
     SOURCE_KINDS_HELP,
+    Allowed,
     Progress,
+    ReadLimits,
     SourceItem,
     check_source,
     copy_stream,
@@ -85,12 +88,12 @@ _VOLUME_LINE = re.compile(r"^_cell_volume (\S+)$", re.MULTILINE)
 _Z_LINE = re.compile(r"^_cell_formula_units_Z (\S+)$", re.MULTILINE)
 
 
-def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool) -> _Canonical:
+def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool, max_sites: int) -> _Canonical:
     from engine.crystal.canonical import canonicalize, canonicalize_structure, model_view
     from engine.crystal.tokenizer import encode_with_report
 
-    view = model_view(canonicalize_structure(structure) if structure is not None
-                      else canonicalize(text, symmetrized=symmetrized))
+    view = model_view(canonicalize_structure(structure, max_sites) if structure is not None
+                      else canonicalize(text, symmetrized=symmetrized, max_sites=max_sites))
     ids, dropped = encode_with_report(view)
     formula, sg, volume, z = (rx.search(view) for rx in (_DATA_LINE, _SG_LINE, _VOLUME_LINE, _Z_LINE))
     if not (formula and sg and volume and z):
@@ -101,67 +104,46 @@ def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool) -> _C
                       (formula.group(1), sg.group(1).strip().strip("'")), vpfu)
 
 
-def _process_chunk(payloads: list[tuple[str | None, Any]], symmetrized: bool) -> list[_Canonical | str]:
-    """Canonicalize and tokenize a chunk of inputs (runs in a worker process); failures become reasons."""
+def _canonicalize_task(text: str | None, structure: Any, symmetrized: bool, max_sites: int) -> _Canonical | str:
+    """Canonicalize and tokenize one input (in a pool worker); a failure comes back as its reason."""
     from engine.lab.errors import CrystallabError
 
-    out: list[_Canonical | str] = []
     # spglib's C code prints "spglib: ... failed." lines on stderr for cells it retries; they garble the progress
     # bar and say nothing the rejects do not. The variable is read at each call, so restoring it is enough.
     previous = os.environ.get("SPGLIB_WARNING")
     os.environ["SPGLIB_WARNING"] = "OFF"
     try:
-        for text, structure in payloads:
-            try:
-                out.append(_canonicalize_one(text, structure, symmetrized))
-            except CrystallabError as exc:
-                out.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - one odd CIF must not sink a 100k-CIF build; it is reported
-                out.append(f"unexpected {type(exc).__name__} while canonicalizing: {exc}")
+        return _canonicalize_one(text, structure, symmetrized, max_sites)
+    except CrystallabError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - one odd CIF must not sink a 100k-CIF build; it is reported
+        return f"unexpected {type(exc).__name__} while canonicalizing: {exc}"
     finally:
         if previous is None:
             os.environ.pop("SPGLIB_WARNING", None)
         else:
             os.environ["SPGLIB_WARNING"] = previous
-    return out
 
 
-def _run_workers(payloads: list[tuple], workers: int | None, symmetrized: bool,
-                 progress: Progress | None) -> list[_Canonical | str]:
-    """Process all payloads; results come back in input order whatever the worker timing."""
+def _pool_problem(reason: str, detail: str) -> str:
+    """The reject reason of an input whose worker ran out of time or died."""
+    hint = ("; raise --timeout, or leave this CIF out" if reason == "timeout"
+            else " (out of memory, or a crash in compiled code)")
+    return f"{reason}: {detail}{hint}"
+
+
+def _run_workers(payloads: list[tuple], workers: int | None, symmetrized: bool, progress: Progress | None,
+                 timeout_s: float | None, max_sites: int) -> list[_Canonical | str]:
+    """Process all payloads, each in a killable worker with a time box; results come back in input order."""
+    from engine.crystal.canonical import warm_up
+    from engine.lab.pool import run_pool
+
     n = len(payloads)
     workers = max(1, min(workers or os.cpu_count() or 1, n or 1))
-    # ~8 chunks per worker balances load; the cap keeps progress updates frequent on big inputs.
-    size = max(1, min(128, math.ceil(n / (workers * 8))))
-    chunks = [payloads[i:i + size] for i in range(0, n, size)]
-    results: list[list] = [[] for _ in chunks]
-    done = 0
     if progress:
         progress(0, n)
-    if workers == 1:
-        for k, chunk in enumerate(chunks):
-            results[k] = _process_chunk(chunk, symmetrized)
-            done += len(chunk)
-            if progress:
-                progress(done, n)
-        return [r for chunk in results for r in chunk]
-    # Import the heavy modules once here: forked workers inherit them instead of each importing pymatgen.
-    import engine.crystal.canonical  # noqa: F401
-    import engine.crystal.tokenizer  # noqa: F401
-
-    pool = ProcessPoolExecutor(max_workers=workers)
-    try:
-        futures = {pool.submit(_process_chunk, chunk, symmetrized): k for k, chunk in enumerate(chunks)}
-        for fut in as_completed(futures):
-            k = futures[fut]
-            results[k] = fut.result()
-            done += len(chunks[k])
-            if progress:
-                progress(done, n)
-    finally:
-        # On Ctrl-C / stop, drop queued chunks instead of waiting for the whole input to finish.
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [r for chunk in results for r in chunk]
+    tasks = [(i, text, structure, symmetrized, max_sites) for i, (text, structure) in enumerate(payloads)]
+    return run_pool(_canonicalize_task, tasks, workers, timeout_s, progress, problem=_pool_problem, warm_up=warm_up)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,7 +378,9 @@ def _split_counts(n: int, val_fraction: float, sources: Sequence[str | os.PathLi
 
 def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                   val_fraction: float = 0.1, seed: int = 1337, dedup: bool = True, workers: int | None = None,
-                  symmetrized: bool = False, overwrite: bool = False, progress: Progress | None = None) -> dict:
+                  symmetrized: bool = False, overwrite: bool = False, progress: Progress | None = None,
+                  timeout_s: float | None = 60.0, max_sites: int | None = 500, confine: bool = False,
+                  limits: ReadLimits = DEFAULT_LIMITS) -> dict:
     """Canonicalize, deduplicate, tokenize and split CIFs into a CrystaLLM token dataset.
 
     Args:
@@ -413,11 +397,21 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         symmetrized: passed to `engine.crystal.canonical.canonicalize`.
         overwrite: replace an existing dataset in ``out_dir``.
         progress: called as ``progress(done, total)`` with counts of inputs processed.
+        timeout_s: time box for canonicalizing one input, in seconds (None: none); an input over it is killed
+            and rejected as ``timeout`` (default `engine.crystal.canonical.TIMEOUT_S`).
+        max_sites: inputs with more sites are rejected as ``too_many_sites`` before symmetrizing (None: no
+            limit; default `engine.crystal.canonical.MAX_SITES`).
+        confine: read only what lies inside the runs root and ``CRYSTALLAB_DATA_DIRS`` (the dashboard's rule):
+            each source must, and a file found inside a folder source whose real path (symlinks resolved) does not
+            is skipped with its reason.
+        limits: size and compression-ratio bounds on reading sources (`engine.data.sources.ReadLimits`).
 
     A CIF that cannot be used becomes a line of ``rejects.jsonl`` with its reason. So does a whole source file
     that cannot be read (a binary ``.cif``, a CSV without a ``cif`` column, a corrupt zip) when several sources
-    are given: the build goes on with the others. Files inside a folder or archive that are not CIFs
-    (``readme.txt``) are skipped and counted in ``stats.json`` (``skipped``, ``skipped_files``).
+    are given: the build goes on with the others. Files inside a folder or archive that are not read (not CIFs,
+    links inside an archive, symlinks leading outside the allowed folders) are skipped and counted in
+    ``stats.json`` (``skipped``, ``skipped_files`` with each one's reason). Files that are not UTF-8 are read
+    as Latin-1 and named in ``latin1_files``.
 
     Returns:
         The statistics also written to ``stats.json``.
@@ -436,12 +430,20 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         raise InputError(f"{VAL_FRACTION_KNOB} is {val_fraction}: it must be at least 0 and below 1 (e.g. 0.1)")
     if not sources:
         raise InputError(f"no dataset sources given; give {SOURCE_KINDS_HELP}.")
+    if timeout_s is not None and not timeout_s > 0:
+        raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds (--timeout).")
+    if max_sites is not None and max_sites < 1:
+        raise InputError(f"max_sites={max_sites} must be a whole number of at least 1 (--max-sites).")
     for s in sources:  # a mistyped path fails at once, not after the other sources were read
         check_source(s)
-    items, rejects, skipped = _read_sources(sources)
+        if confine and Path(str(s)).expanduser().exists():
+            get_settings().resolve_user_path(s)
+    allowed = get_settings().is_allowed if confine else None
+    items, rejects, skipped, latin1 = _read_sources(sources, allowed, limits)
     unreadable = len(rejects)  # whole sources; the loop below adds the rejected CIFs
     todo = [i for i, item in enumerate(items) if item.error is None]
-    results = _run_workers([(items[i].text, items[i].structure) for i in todo], workers, symmetrized, progress)
+    results = _run_workers([(items[i].text, items[i].structure) for i in todo], workers, symmetrized, progress,
+                           timeout_s, max_sites)
 
     outcome = dict(zip(todo, results))
     accepted: list[tuple[int, _Canonical]] = []  # (item index, result), in input order
@@ -488,32 +490,38 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "unreadable_sources": unreadable,
             "skipped": len(skipped),
             "skipped_files": skipped[:MAX_SKIPPED_LISTED],
+            "latin1": len(latin1),
+            "latin1_files": latin1[:MAX_SKIPPED_LISTED],
             "duplicates_removed": len(duplicates),
             "dropped_chars": sum(dropped_chars.values()),
             "dropped_char_counts": dict(dropped_chars.most_common()),
         }
         provenance = {"sources": [describe_source(s) for s in sources], "options": {
-            "val_fraction": val_fraction, "seed": seed, "dedup": dedup, "symmetrized": symmetrized}}
+            "val_fraction": val_fraction, "seed": seed, "dedup": dedup, "symmetrized": symmetrized,
+            "timeout_s": timeout_s, "max_sites": max_sites}}
         return _finish(tmp, out_dir, overwrite, stats, provenance, t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _read_sources(sources: Sequence[str | os.PathLike]) -> tuple[list[SourceItem], list[dict], list[dict]]:
-    """Read every source: ``(items, rejects, skipped)``.
+def _read_sources(sources: Sequence[str | os.PathLike], allowed: Allowed | None, limits: ReadLimits,
+                  ) -> tuple[list[SourceItem], list[dict], list[dict], list[dict]]:
+    """Read every source: ``(items, rejects, skipped, latin1)``.
 
     A source that cannot be read becomes a reject ``{"source", "name", "reason"}`` (its items are missing) as
     long as another source can be read; with a single source, or when none can be read, the error is raised.
-    ``skipped`` holds ``{"source", "name"}`` per non-CIF file found in a folder or archive.
+    ``skipped`` holds ``{"source", "name", "reason"}`` per file of a folder or archive that was not read;
+    ``latin1`` holds ``{"source", "name", "line"}`` per file read as Latin-1 (``line``: the first not in UTF-8).
     """
     items: list[SourceItem] = []
     rejects: list[dict] = []
     skipped: list[dict] = []
+    latin1: list[dict] = []
     errors: list[InputError] = []
     for s in sources:
         try:
-            scan = scan_source(s)
+            scan = scan_source(s, allowed=allowed, limits=limits)
         except InputError as exc:
             if len(sources) == 1:
                 raise
@@ -521,12 +529,13 @@ def _read_sources(sources: Sequence[str | os.PathLike]) -> tuple[list[SourceItem
             rejects.append({"source": str(s), "name": Path(str(s)).name, "reason": str(exc)})
             continue
         items += scan.items
-        skipped += [{"source": str(s), "name": name} for name in scan.skipped]
+        skipped += [{"source": str(s), "name": name, "reason": reason} for name, reason in scan.skipped]
+        latin1 += [{"source": str(s), "name": name, "line": line} for name, line in scan.latin1]
     if errors and len(errors) == len(sources):
         shown = " | ".join(str(e) for e in errors[:3]) + (f" | ... ({len(errors) - 3} more)" if len(errors) > 3
                                                            else "")
         raise InputError(f"none of the {len(sources)} sources could be read: {shown}")
-    return items, rejects, skipped
+    return items, rejects, skipped, latin1
 
 
 def _deduplicate(accepted: list[tuple[int, _Canonical]],
@@ -796,9 +805,15 @@ def _print_summary(folder: Path, stats: dict) -> None:
         if stats["rejected"]:
             print(f"  reasons for each reject: {folder / 'rejects.jsonl'}")
         if stats.get("skipped"):
-            names = ", ".join(f["name"] for f in stats.get("skipped_files", [])[:5])
+            names = ", ".join(f"{f['name']} ({f.get('reason', 'not a .cif file')})"
+                              for f in stats.get("skipped_files", [])[:5])
             more = ", ..." if stats["skipped"] > 5 else ""
-            print(f"  skipped {stats['skipped']} file(s) that are not .cif: {names}{more}")
+            print(f"  skipped {stats['skipped']} file(s) that were not read: {names}{more}")
+        if stats.get("latin1"):
+            names = ", ".join(f"{f['name']} (line {f['line']})" for f in stats.get("latin1_files", [])[:5])
+            more = ", ..." if stats["latin1"] > 5 else ""
+            print(f"  warning: {stats['latin1']} file(s) are not UTF-8 and were read as Latin-1: {names}{more}; "
+                  "convert them to UTF-8 (iconv -f LATIN1 -t UTF-8) if their text is in another encoding")
     print(f"  train {stats.get('train_cifs')} CIFs / {stats.get('train_tokens')} tokens;"
           f"  val {stats.get('val_cifs')} CIFs / {stats.get('val_tokens')} tokens")
     if per:
@@ -824,9 +839,14 @@ def _build_with_bar(out_arg: str, sources: list[str], **options: Any) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    for flag, value in (("--max-file-mb", args.max_file_mb), ("--max-source-mb", args.max_source_mb)):
+        if value <= 0:
+            raise InputError(f"{flag} {value:g}: give a positive number of megabytes")
+    limits = ReadLimits(file_bytes=int(args.max_file_mb * 2**20), source_bytes=int(args.max_source_mb * 2**20))
     return _build_with_bar(args.out, args.sources, val_fraction=args.val_fraction, seed=args.seed,
                            dedup=not args.no_dedup, workers=args.workers, symmetrized=args.symmetrized,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, timeout_s=args.timeout, max_sites=args.max_sites,
+                           confine=args.confine, limits=limits)
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
@@ -879,6 +899,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="inputs are already CifWriter(symprec=0.1) output: apply the CrystaLLM edits without "
                         "re-symmetrizing")
     b.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    b.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds canonicalizing one CIF may take; it is then stopped and rejected (default 60)")
+    b.add_argument("--max-sites", type=int, default=500,
+                   help="reject CIFs with more sites than this before symmetrizing (default 500)")
+    b.add_argument("--max-file-mb", type=float, default=DEFAULT_LIMITS.file_bytes / 2**20,
+                   help="largest file in a folder or archive, decompressed (default %(default)g MB)")
+    b.add_argument("--max-source-mb", type=float, default=DEFAULT_LIMITS.source_bytes / 2**20,
+                   help="most an archive may decompress to, or a CSV / CIF file may hold (default %(default)g MB)")
+    b.add_argument("--confine", action="store_true",
+                   help="read only inside the runs folder and CRYSTALLAB_DATA_DIRS, following no symlink out of "
+                        "them (what dashboard builds do)")
     b.set_defaults(func=_cmd_build)
 
     c = sub.add_parser("corpus", help="build a dataset from the built-in generated corpus")

@@ -1,11 +1,9 @@
 """Time-boxed parallel evaluation of generated texts, and a sample set's metrics.
 
-`evaluate_texts` post-processes and checks each text (`engine.evaluate.checks.check_cif`) in a pool of worker processes
-that can be killed: a generated CIF with a wrong space group can expand to thousands of atoms and keep compiled
-code (spglib, Voronoi) busy for minutes, which no in-process alarm interrupts. A worker that exceeds the per-item
-time box is killed, its item gets ``failure_reason="timeout"``, a fresh worker takes its place and the rest carry
-on. Workers are forked from the parent, which imported pymatgen and warmed it up once, and each says it is ready
-before it takes work, so the time box measures the item and not start-up. Output rows keep the input order.
+`evaluate_texts` post-processes and checks each text (`engine.evaluate.checks.check_cif`) in the killable worker pool of
+`engine.lab.pool`: a generated CIF with a wrong space group can expand to thousands of atoms and keep compiled code
+(spglib, Voronoi) busy for minutes, which no in-process alarm interrupts. A text over the per-item time box gets
+``failure_reason="timeout"`` and the rest carry on. Output rows keep the input order.
 
 `set_metrics` turns the table into set-level metrics (each with its definition string, see `METRIC_DEFINITIONS`),
 `evaluate_sample_set` evaluates a sample-set folder (ARCHITECTURE.md) and writes ``eval.csv`` and
@@ -17,12 +15,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import multiprocessing as mp
 import os
 import sys
-import time
-from collections import deque
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +25,7 @@ import pandas as pd
 from engine.crystal.postprocess import finished_flags, postprocess
 from engine.evaluate.checks import ROW_FIELDS, check_cif, empty_row, failed_row, mark_missed_hits
 from engine.evaluate.metrics import METRIC_DEFINITIONS, TrainingIndex, macro_average, set_metrics
+from engine.lab import pool
 from engine.lab.errors import InputError
 from engine.lab.fsutil import atomic_write_json, atomic_write_text, read_json
 
@@ -76,8 +71,6 @@ Na Na0 1 0.0000 0.0000 0.0000 1
 Cl Cl1 1 0.5000 0.5000 0.5000 1
 
 """
-_STARTUP_TIMEOUT_S = 120.0
-"""How long a fresh worker may take to import and warm up before evaluation gives up (seconds)."""
 
 
 def _token_count(text: str) -> int:
@@ -124,73 +117,9 @@ def _evaluate_task(text: str, raw: bool, prompt: dict | None, max_sites: int, fi
     return evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites, finished=finished)
 
 
-def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
-    """Worker loop: warm up, say ready, then answer ``(index, *args)`` tasks with ``fn(*args)`` until None."""
+def warm_up_checks() -> None:
+    """First use of everything a check needs (runs once per pool worker, before its time boxes start)."""
     evaluate_one(_WARMUP_CIF, raw=False)
-    conn.send("ready")
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if task is None:
-            return
-        try:
-            row = fn(*task[1:])
-        except Exception as exc:  # noqa: BLE001 - a check that breaks on one odd CIF is that CIF's verdict
-            row = _problem_row("check_error", f"{type(exc).__name__}: {exc}"[:500])
-        conn.send((task[0], row))
-
-
-class _Worker:
-    """One killable worker process and the item it is working on."""
-
-    def __init__(self, ctx: mp.context.BaseContext, fn: Callable[..., dict]) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
-        self.proc.start()
-        child.close()
-        self.ready = False
-        self.index: int | None = None
-        self.deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-
-    def assign(self, index: int, task: tuple, timeout_s: float | None) -> None:
-        self.conn.send(task)
-        self.index = index
-        self.deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
-
-    def stop(self, kill: bool) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except OSError:  # already dead
-                pass
-        self.proc.join(timeout=5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
-
-
-_parent_warm = False
-
-
-def _context() -> mp.context.BaseContext:
-    """Fork on Linux: workers inherit the parent's imported (and warmed-up) pymatgen and start in milliseconds.
-
-    Not forkserver or spawn there: both re-import the caller's main module in every worker, which breaks scripts
-    without a ``__main__`` guard and Streamlit pages. Workers only run pymatgen/spglib code, never torch, so the
-    usual fork-after-threads hazard does not reach them. Elsewhere (macOS, Windows) spawn is the safe choice.
-    """
-    global _parent_warm
-    if sys.platform.startswith("linux"):
-        if not _parent_warm:  # one warm-up here instead of one per worker
-            evaluate_one(_WARMUP_CIF, raw=False)
-            _parent_warm = True
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
 
 
 def _problem_row(reason: str, detail: str) -> dict:
@@ -206,69 +135,10 @@ def run_pool(
     timeout_s: float | None,
     progress: Progress | None = None,
 ) -> list[dict]:
-    """Run ``fn(*task[1:])`` for every task on ``workers`` killable, time-boxed processes; results in task order.
-
-    Args:
-        fn: A module-level function (picklable where workers are spawned) returning a dict.
-        tasks: Tuples whose first item is the task's position in ``tasks`` (0, 1, ...), then ``fn``'s arguments.
-        workers: Worker processes (at most one per task).
-        timeout_s: Time box per task in seconds (None: none). A task over it, or whose worker dies, gets a row
-            from `_problem_row` (``failure_reason`` ``timeout`` / ``worker_crashed``) and a fresh worker.
-        progress: Called as ``progress(done, total)`` after each task.
-    """
-    ctx = _context()
-    pending = deque(tasks)
-    rows: list[dict | None] = [None] * len(tasks)
-    done = 0
-    pool = [_Worker(ctx, fn) for _ in range(min(workers, len(tasks)))]
-
-    def finish(index: int, row: dict) -> None:
-        nonlocal done
-        rows[index] = row
-        done += 1
-        if progress is not None:
-            progress(done, len(tasks))
-
-    def feed(w: _Worker) -> None:
-        w.index, w.deadline = None, float("inf")
-        if pending:
-            task = pending.popleft()
-            w.assign(task[0], task, timeout_s)
-
-    try:
-        while done < len(tasks):
-            next_deadline = min(w.deadline for w in pool)
-            wait_s = None if next_deadline == float("inf") else max(0.0, next_deadline - time.monotonic())
-            for conn in wait([w.conn for w in pool], timeout=wait_s):
-                w = next(w for w in pool if w.conn is conn)
-                try:
-                    message = w.conn.recv()
-                except (EOFError, OSError):  # the worker died (segfault, out of memory): replace it
-                    if w.index is None:
-                        raise RuntimeError("an evaluation worker died while starting; see its stderr above")
-                    w.stop(kill=True)
-                    finish(w.index, _problem_row("worker_crashed", f"the worker exited with {w.proc.exitcode}"))
-                    pool[pool.index(w)] = _Worker(ctx, fn)
-                    continue
-                if message == "ready":
-                    w.ready = True
-                    feed(w)
-                else:
-                    finish(*message)
-                    feed(w)
-            now = time.monotonic()
-            for i, w in enumerate(pool):
-                if w.deadline > now:
-                    continue
-                if not w.ready:
-                    raise RuntimeError(f"an evaluation worker did not start within {_STARTUP_TIMEOUT_S} s")
-                w.stop(kill=True)
-                finish(w.index, _problem_row("timeout", f"no verdict within {timeout_s} s; the worker was killed"))
-                pool[i] = _Worker(ctx, fn)
-    finally:
-        for w in pool:
-            w.stop(kill=done < len(tasks))
-    return rows  # type: ignore[return-value]
+    """`engine.lab.pool.run_pool` for checks: a task over its time box, or whose worker dies, gets a row with
+    ``failure_reason`` ``timeout`` / ``worker_crashed``."""
+    return pool.run_pool(fn, tasks, workers, timeout_s, progress, problem=_problem_row, warm_up=warm_up_checks,
+                         error_reason="check_error")
 
 
 def evaluate_texts(

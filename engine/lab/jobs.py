@@ -398,10 +398,10 @@ def _later(delay_s: float, job: dict, sig: int) -> None:
 def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -> dict:
     """Ask a running job to stop; returns its state afterwards.
 
-    Writes ``STOP`` in the job's target folder (the trainer finishes its step, saves a checkpoint and exits);
-    if the job is still alive ``grace_s`` seconds later it gets SIGTERM. The deadline is also enforced by
-    every later ``job_state`` call, so it holds across dashboard restarts; a job that survives SIGTERM by
-    ``KILL_AFTER_S`` seconds is killed.
+    Writes ``STOP`` in the job's target folder when that exists (the trainer finishes its step, saves a
+    checkpoint and exits); if the job is still alive ``grace_s`` seconds later it gets SIGTERM. The deadline is
+    also enforced by every later ``job_state`` call, so it holds across dashboard restarts; a job that survives
+    SIGTERM by ``KILL_AFTER_S`` seconds is killed.
 
     Args:
         grace_s: seconds to wait for a clean exit before SIGTERM; 0 terminates at once.
@@ -412,10 +412,10 @@ def request_stop(job_dir: str | os.PathLike, grace_s: float = DEFAULT_GRACE_S) -
         raise InputError(f"there is no job in {job_dir} to stop")
     if not pid_alive(job.get("pid"), job.get("pid_start")):
         return job_state(job_dir)
-    if job.get("target"):
-        target = Path(job["target"])
-        target.mkdir(parents=True, exist_ok=True)
-        (target / STOP_FILE).write_text(f"stop requested at {_now()}\n")
+    if job.get("target") and Path(job["target"]).is_dir():
+        # Only a folder the job already made gets the file: creating the target here would leave a folder behind
+        # that looks like output (a dataset build publishes its folder only when it is done).
+        (Path(job["target"]) / STOP_FILE).write_text(f"stop requested at {_now()}\n")
     atomic_write_json(job_dir / STOP_REQUEST_FILE,
                       {"requested_at": _now(), "requested_ts": time.time(), "grace_s": grace_s})
     if grace_s <= 0:

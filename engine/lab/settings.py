@@ -56,22 +56,37 @@ class Settings:
     def allowed_roots(self) -> tuple[Path, ...]:
         return (self.runs_dir, *self.data_dirs)
 
+    def is_allowed(self, path: str | os.PathLike) -> bool:
+        """Whether ``path``, with every symlink and ``..`` resolved, lies inside an allowed root.
+
+        For paths the lab finds on its own (files inside a folder or archive the user named, run folders,
+        checkpoints, sample sets): a symlink among them that leads outside the allowed folders is not followed.
+        """
+        try:
+            p = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: nothing that can be read
+            return False
+        return any(p.is_relative_to(root.resolve()) for root in self.allowed_roots)
+
     def resolve_user_path(self, path: str | os.PathLike, must_exist: bool = True) -> Path:
         """Resolve a path typed by a dashboard user and check it lies inside an allowed folder.
 
         Raises:
-            PathNotAllowed: the path (after resolving symlinks and ``..``) is outside every allowed root.
+            PathNotAllowed: the path (after resolving symlinks and ``..``) is outside every allowed root, or
+                cannot name a file at all (a NUL byte, a symlink loop).
             FileNotFoundError: ``must_exist`` and nothing is there.
         """
-        p = Path(path).expanduser()
+        text = os.fspath(path)
+        if "\0" in str(text):
+            raise PathNotAllowed(f"{text!r} contains a NUL byte, which no file name can hold; type the path again.")
+        p = Path(text).expanduser()
         if not p.is_absolute():
             p = self.runs_dir / p
-        p = p.resolve()
-        for root in self.allowed_roots:
-            try:
-                p.relative_to(root.resolve())
-            except ValueError:
-                continue
+        try:
+            p = p.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise PathNotAllowed(f"{text!r} cannot be resolved ({exc}); give a path without a symlink loop.") from None
+        if self.is_allowed(p):
             if must_exist and not p.exists():
                 raise FileNotFoundError(f"{p} does not exist")
             return p

@@ -280,6 +280,16 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line error as one line: where (line, column) and what, with the fix to make."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    detail = f"{problem} ({' '.join(context.split())})" if context else problem
+    return f"{where}{detail}; not valid YAML, fix that line (e.g. 'key: value', two-space indents, no tabs)"
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
     """Read a YAML config file that must hold a non-empty mapping with each key once.
 
@@ -288,18 +298,24 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict[str
             mapping, or gives a key twice (the message names the key and both lines).
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist; {hint}") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a folder; name a YAML file ({hint})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as "
+                          "UTF-8") from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as dup:
         raise ConfigError(f"{path}: key {dup.key!r} is given twice (lines {dup.first_line} and {dup.line}); "
                           "keep one of them") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_error_line(exc)}") from None
     if raw is None or raw == {}:
         # An empty file would otherwise train the defaults (the small preset), which nobody asks for by accident.
         raise ConfigError(f"{what} {path} is empty (no key: value lines); {hint}")

@@ -46,10 +46,33 @@ def test_killed_job_reads_as_died(tmp_path):
 
 def test_stop_request_writes_stop_file_and_terminates(tmp_path):
     job_dir, target = tmp_path / "job", tmp_path / "run"
+    target.mkdir()
     jobs.launch_job(["--help"], job_dir, kind="test", target=target)
     state = jobs.request_stop(job_dir, grace_s=0)
     assert (target / jobs.STOP_FILE).exists() or state["state"] != "running"
     assert _wait(job_dir, 30)["state"] in ("stopped", "finished")
+
+
+def test_stopping_a_data_build_leaves_no_dataset_folder(tmp_path):
+    """A build stopped while canonicalizing ends as "stopped" and leaves its name free: no folder, no STOP file."""
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.cif import CifWriter
+
+    src, out, job_dir = tmp_path / "cifs", tmp_path / "data" / "x", tmp_path / "job"
+    src.mkdir()
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    text = str(CifWriter(rock_salt))
+    for i in range(2000):  # minutes of canonicalizing on one worker
+        (src / f"{i:04d}.cif").write_text(text)
+    jobs.launch_job(["data", "build", str(src), "--out", str(out), "--workers", "1"], job_dir, kind="data",
+                    target=out)
+    deadline = time.monotonic() + 120
+    while not jobs.progress(job_dir):  # canonicalizing has begun
+        assert time.monotonic() < deadline and jobs.job_state(job_dir)["state"] == "running", jobs.tail_log(job_dir)
+        time.sleep(0.2)
+    jobs.request_stop(job_dir, grace_s=0)
+    assert _wait(job_dir, 60)["state"] == "stopped"
+    assert not out.exists() and not list(out.parent.glob(".x.*"))
 
 
 def test_names_must_be_plain_folder_names():

@@ -49,3 +49,12 @@ def test_corpus_size_below_one_names_the_flag(capsys):
     assert cli.main(["data", "corpus", "--out", "never", "--n", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --n 0") and "builtin:" not in err  # the flag, not the source syntax
+
+
+def test_dashboard_warns_when_it_listens_beyond_this_machine():
+    from engine.app.dashboard import address_warning
+
+    for loopback in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert address_warning(loopback) is None
+    for open_to_all in ("0.0.0.0", "::", "192.168.1.20", "lab.example.org"):
+        assert "anyone who can reach it can use the lab" in address_warning(open_to_all)

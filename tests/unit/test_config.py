@@ -112,6 +112,23 @@ def test_missing_or_malformed_file(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
+def test_yaml_and_encoding_errors_are_one_line_naming_file_and_line(tmp_path, capsys):
+    from engine.cli import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("n_layer: 2\n  n_head: [1, 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(broken)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"{broken}: line 2, column 9: ")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("n_layer: 2\n# Li\xe8ge\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: line 2 is not UTF-8 \(byte 0xe8\); save the file as UTF-8$"):
+        load_config(latin1)
+    assert main(["sweep", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken}: line 2" in err
+
+
 def test_resume_takes_the_runs_saved_config_as_base(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -85,6 +85,11 @@ def test_meta_files_are_crystallm_layout(built):
     assert meta["vocab_size"] == 371 and len(meta["itos"]) == 371
     assert meta["itos"][124] == "data_" and meta["stoi"]["data_"] == 124 and meta["itos"][142] == "\n"
     assert all(isinstance(k, int) for k in meta["itos"])
+    # Upstream's layout: space-group ids map to the bare symbol in itos, stoi keeps the suffix.
+    assert meta["itos"][143] == TOKENS[143][: -len("_sg")] and meta["stoi"][TOKENS[143]] == 143
+    assert "".join(meta["itos"][int(i)] for i in np.fromfile(out / "train.bin", dtype="<u2")[:400]) == decode(
+        np.fromfile(out / "train.bin", dtype="<u2")[:400].tolist())  # upstream's identify_starts rebuilds text so
+    assert load_token_dataset(out).meta == meta  # and we read our own files back
     as_json = json.loads((out / "meta.json").read_text())
     assert {int(k): v for k, v in as_json["itos"].items()} == meta["itos"] and as_json["stoi"] == meta["stoi"]
     provenance = json.loads((out / "dataset.json").read_text())
@@ -273,9 +278,10 @@ def test_non_cif_files_in_folders_and_archives_are_counted_as_skipped(mp20_rows,
         zf.writestr("docs/readme.txt", "not a CIF")
     stats = build_dataset([folder, tmp_path / "mixed.zip"], tmp_path / "out", val_fraction=0, workers=1)
     assert (stats["inputs"], stats["rejected"], stats["skipped"]) == (5, 0, 3)
-    assert stats["skipped_files"] == [{"source": str(folder), "name": "._c0.cif"},
-                                      {"source": str(folder), "name": "readme.txt"},
-                                      {"source": str(tmp_path / "mixed.zip"), "name": "docs/readme.txt"}]
+    assert stats["skipped_files"] == [
+        {"source": str(folder), "name": "._c0.cif", "reason": "a macOS resource fork, not a CIF"},
+        {"source": str(folder), "name": "readme.txt", "reason": "not a .cif file"},
+        {"source": str(tmp_path / "mixed.zip"), "name": "docs/readme.txt", "reason": "not a .cif file"}]
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["skipped"] == 3
 
 
@@ -300,7 +306,10 @@ def test_existing_output_is_never_clobbered_silently(mp20_rows, tmp_path):
 
 @pytest.fixture(scope="module")
 def upstream(golden_canonical, tmp_path_factory) -> dict:
-    """An upstream-format token archive: bins from the golden ids, meta.pkl written with plain pickle."""
+    """An upstream-format token archive: bins from the golden ids, meta.pkl written with plain pickle.
+
+    ``itos`` as upstream's ``bin/tokenize_cifs.py`` writes it: space-group ids map to bare symbols.
+    """
     cifs = [np.asarray(r["ids"], dtype="<u2") for r in golden_canonical if "ids" in r][:30]
     train, val = cifs[:24], cifs[24:]
     root = tmp_path_factory.mktemp("upstream")
@@ -308,7 +317,8 @@ def upstream(golden_canonical, tmp_path_factory) -> dict:
     folder.mkdir()
     np.concatenate(train).tofile(folder / "train.bin")
     np.concatenate(val).tofile(folder / "val.bin")
-    meta = {"vocab_size": 371, "itos": dict(enumerate(TOKENS)), "stoi": {t: i for i, t in enumerate(TOKENS)}}
+    itos = {i: t.removesuffix("_sg") for i, t in enumerate(TOKENS)}
+    meta = {"vocab_size": 371, "itos": itos, "stoi": {t: i for i, t in enumerate(TOKENS)}}
     (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
     archive = root / "tokens_v1_train_val.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
@@ -376,6 +386,20 @@ def test_malicious_meta_pkl_is_refused_without_executing(upstream, tmp_path):
     with pytest.raises(InputError, match="refusing to load"):
         import_tokens(archive, tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_meta_with_suffixed_space_groups_in_itos_is_accepted_too(upstream, tmp_path):
+    folder = tmp_path / "suffixed"
+    folder.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (folder / name).write_bytes((upstream["folder"] / name).read_bytes())
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 371, "itos": dict(enumerate(TOKENS)),
+                                                    "stoi": {t: i for i, t in enumerate(TOKENS)}}))
+    assert import_tokens(folder, tmp_path / "out")["train_cifs"] == 24
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 371, "itos": dict(enumerate(TOKENS)),
+                                                    "stoi": {t.removesuffix("_sg"): i for i, t in enumerate(TOKENS)}}))
+    with pytest.raises(InputError, match="'stoi' does not map"):  # bare names in stoi would collide (Pm)
+        load_token_dataset(folder)
 
 
 def test_foreign_vocabulary_and_bad_ids_are_refused(upstream, tmp_path):

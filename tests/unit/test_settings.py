@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine.lab.errors import PathNotAllowed
@@ -69,3 +71,40 @@ def test_dashboard_data_dir_lets_the_readme_csp_example_through(tmp_path, monkey
     assert get_settings().data_dirs == (targets.parents[1].resolve(),)  # once, though given twice
     with pytest.raises(InputError, match="--data-dir nowhere: no such folder"):
         extend_data_dirs(["nowhere"])
+
+
+def test_nul_bytes_and_symlink_loops_give_the_usual_error(roots):
+    runs, _, outside = roots
+    s = get_settings()
+    with pytest.raises(PathNotAllowed, match="NUL byte"):
+        s.resolve_user_path("a\x00.cif")
+    (runs / "loop").symlink_to(runs / "loop")
+    with pytest.raises(PathNotAllowed):
+        s.resolve_user_path("loop")
+    (runs / "away").symlink_to(outside / "secret.txt")
+    assert s.is_allowed(runs / "a.cif") and not s.is_allowed(runs / "away") and not s.is_allowed("a\x00b")
+
+
+def test_the_dashboard_lists_no_run_checkpoint_or_sample_set_behind_an_escaping_symlink(roots, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # pages/ is not an installed package
+    import pages.common as common
+    from engine.app.dashboard import find_sample_sets, sample_set_zip
+
+    runs, _, outside = roots
+    for name in ("mine", "theirs"):
+        folder = (runs / "train" / name) if name == "mine" else (outside / name)
+        (folder / "ckpt").mkdir(parents=True)
+        (folder / "status.json").write_text("{}")
+        (folder / "ckpt" / "last.pt").write_bytes(b"x")
+        sset = (runs / "samples" / name) if name == "mine" else (outside / f"set-{name}")
+        (sset / "raw").mkdir(parents=True)
+        (sset / "config.json").write_text("{}")
+        (sset / "samples.jsonl").write_text("")
+    (runs / "train" / "theirs").symlink_to(outside / "theirs")
+    (runs / "train" / "mine" / "ckpt" / "best.pt").symlink_to(outside / "secret.txt")
+    (runs / "samples" / "theirs").symlink_to(outside / "set-theirs")
+    (runs / "samples" / "mine" / "raw" / "0000.txt").symlink_to(outside / "secret.txt")
+    assert [p.name for p in common.train_runs()] == ["mine"]
+    assert common.checkpoints() == [runs / "train" / "mine" / "ckpt" / "last.pt"]
+    assert [p.name for p in find_sample_sets(runs / "samples")] == ["mine"]
+    assert b"0000.txt" not in sample_set_zip(runs / "samples" / "mine")
