@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,33 @@ def test_the_structure_page_opens_a_sample_that_parses(lab):
     sample = at.selectbox(key="structure_sample")
     assert sample.value == "0001" and not at.error  # not the unparseable 0000, which is labelled as such
     assert "does not parse" in sample.format_func("0000") and sample.format_func("0001") == "0001"
+
+
+def test_a_checkpoint_of_another_model_family_samples_through_the_same_page(lab, golden_canonical, monkeypatch):
+    """The family seam: the page shows the family's own knobs, and the detached job samples through it."""
+    tests_dir = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("CRYSTALLAB_FAMILY_MODULES", "families.replay")
+    monkeypatch.setenv("PYTHONPATH", str(tests_dir))  # the detached job imports the family module too
+    monkeypatch.syspath_prepend(str(tests_dir))
+    from families.replay import save_replay
+
+    texts = [r["decoded"] for r in sorted((r for r in golden_canonical if "error" not in r),
+                                          key=lambda r: len(r["ids"]))[:2]]
+    save_replay(lab / "train" / "replay" / "ckpt" / "best.pt", texts)
+    at = open_page("pages/sample.py")
+    at.selectbox(key="sample_ckpt").set_value("train/replay/ckpt/best.pt").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("family replay" in c.value for c in at.caption)
+    assert "sample_temp" not in [s.key for s in at.slider]  # the GPT's knobs are not this family's
+    at.number_input(key="sample_z").set_value(4).run()
+    at.number_input(key="sample_knob_replay_stride").set_value(2)
+    at.number_input(key="sample_n").set_value(2)
+    at.text_input(key="sample_name").input("apptest-replay")
+    at.button(key="sample_generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = wait_for_job(common_jobs(lab) / "apptest-replay")
+    assert state["state"] == "finished", jobs.tail_log(common_jobs(lab) / "apptest-replay")
+    out = lab / "samples" / "apptest-replay"
+    config = json.loads((out / "config.json").read_text())
+    assert config["checkpoint"]["family"] == "replay" and config["sampling"]["stride"] == 2
+    assert (out / "raw" / "0000.txt").read_text() in texts

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -119,3 +121,71 @@ def test_the_cli_help_does_not_import_torch_through_the_registry():
     probe = "import sys; from engine.models import family; family.family_names(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.fixture
+def replay_family(monkeypatch):
+    """The tests' replay family, registered the way a lab registers its own (detached jobs inherit it)."""
+    monkeypatch.setenv(FAMILY_MODULES_ENV, "families.replay")
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    from families.replay import save_replay
+
+    return save_replay
+
+
+def _known_cifs(golden_canonical, k: int = 2) -> list[str]:
+    records = sorted((r for r in golden_canonical if "error" not in r), key=lambda r: len(r["ids"]))
+    return [r["decoded"] for r in records[:k]]
+
+
+def test_a_sweep_compares_checkpoints_of_different_families_in_one_table(replay_family, golden_canonical,
+                                                                          tmp_path):
+    from engine.evaluate.sweeps import config_from_dict, run_sweep
+    from engine.lab.settings import get_settings
+
+    runs = get_settings().runs_dir
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=64))
+    save_checkpoint(runs / "train" / "tiny" / "ckpt" / "best.pt", model=gpt, iter_num=1, best_val_loss=None,
+                    config={}, meta={"run": "tiny"})
+    texts = _known_cifs(golden_canonical)
+    replay_family(runs / "train" / "replay" / "ckpt" / "best.pt", texts)
+    config = config_from_dict({
+        "name": "families", "checkpoints": {"gpt": "train/tiny/ckpt/best.pt", "replay": "train/replay/ckpt/best.pt"},
+        "prompts": [""], "temperatures": [0.5], "n": [2], "seeds": [0], "max_new_tokens": 16, "device": "cpu",
+        "eval_workers": 1, "knobs": {"stride": 1},
+    }, "test")
+    out = run_sweep(config, tmp_path / "sweep")
+    table = pd.read_csv(out / "summary.csv").set_index("checkpoint")
+    assert table.loc["replay", "family"] == "replay" and table.loc["gpt", "family"] == "crystallm-gpt"
+    assert table.loc["replay", "other_knobs"] == "stride=1"
+    assert table.loc["replay", "parsed_rate"] == 1.0  # it replays real CIFs
+    cell = next((out / "cells").glob("replay__*"))
+    assert (cell / "raw" / "0000.txt").read_text() == texts[0]
+    assert json.loads((cell / "config.json").read_text())["checkpoint"]["family"] == "replay"
+
+
+def test_a_sweep_knob_no_family_has_is_refused(replay_family, tmp_path):
+    from engine.evaluate.sweeps import config_from_dict, run_sweep
+    from engine.lab.settings import get_settings
+
+    replay_family(get_settings().runs_dir / "train" / "replay" / "ckpt" / "best.pt", ["data_X\n"])
+    config = config_from_dict({"name": "k", "checkpoints": {"replay": "train/replay/ckpt/best.pt"}, "prompts": [""],
+                               "knobs": {"steps": 64}, "device": "cpu"}, "test")
+    with pytest.raises(ConfigError, match="knobs steps belong to none of this sweep's model families"):
+        run_sweep(config, tmp_path / "s")
+
+
+def test_the_sample_cli_gives_other_families_their_knobs_and_refuses_foreign_flags(replay_family,
+                                                                                    golden_canonical, tmp_path):
+    from engine.cli import main as cli_main
+
+    ckpt = replay_family(tmp_path / "replay.pt", _known_cifs(golden_canonical))
+    out = tmp_path / "set"
+    assert cli_main(["sample", "--ckpt", str(ckpt), "--n", "2", "--knob", "stride=2", "--device", "cpu",
+                     "--out", str(out), "--no-evaluate"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["sampling"]["stride"] == 2 and "temperature" not in config["sampling"]
+    assert cli_main(["sample", "--ckpt", str(ckpt), "--n", "1", "--temperature", "0.5", "--device", "cpu",
+                     "--out", str(tmp_path / "other")]) == 2
