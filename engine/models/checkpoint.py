@@ -537,7 +537,14 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = checkpoint_info(args.path)
+    from engine.models.family import DEFAULT_FAMILY, load_family_model, peek_family, provenance
+
+    family = peek_family(args.path)
+    if family == DEFAULT_FAMILY:
+        info = {"family": family, **checkpoint_info(args.path)}
+    else:  # another family describes itself (the file is read without running code, as for the GPT)
+        model = load_family_model(args.path, "cpu")
+        info = {**provenance(model), **model.describe(), "problem": None}
     print(json.dumps(info, indent=2, default=str))
     if info["problem"]:
         print(f"error: {info['problem']}", file=sys.stderr)

@@ -189,3 +189,14 @@ def test_the_sample_cli_gives_other_families_their_knobs_and_refuses_foreign_fla
     assert config["sampling"]["stride"] == 2 and "temperature" not in config["sampling"]
     assert cli_main(["sample", "--ckpt", str(ckpt), "--n", "1", "--temperature", "0.5", "--device", "cpu",
                      "--out", str(tmp_path / "other")]) == 2
+
+
+def test_ckpt_inspect_describes_any_family(replay_family, tiny_ckpt, tmp_path, capsys):
+    from engine.cli import main as cli_main
+
+    assert cli_main(["ckpt", "inspect", str(tiny_ckpt)]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "crystallm-gpt"
+    replay = replay_family(tmp_path / "replay.pt", ["data_X\n", "data_Y\n"])
+    assert cli_main(["ckpt", "inspect", str(replay)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["n_texts"], info["knobs"]) == ("replay", 2, {"stride": 1})
