@@ -123,9 +123,11 @@ def _evaluate_task(text: str, raw: bool, prompt: dict | None, max_sites: int, fi
     return evaluate_one(text, raw=raw, prompt=prompt, max_sites=max_sites, finished=finished)
 
 
-def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
-    """Worker loop: warm up, say ready, then answer ``(index, *args)`` tasks with ``fn(*args)`` until None."""
+def _worker_main(conn: Connection, fn: Callable[..., dict], init: Callable[[], None] | None = None) -> None:
+    """Worker loop: warm up (and run ``init``), say ready, then answer ``(index, *args)`` tasks with ``fn(*args)``."""
     evaluate_one(_WARMUP_CIF, raw=False)
+    if init is not None:
+        init()
     conn.send("ready")
     while True:
         try:
@@ -140,9 +142,9 @@ def _worker_main(conn: Connection, fn: Callable[..., dict]) -> None:
 class _Worker:
     """One killable worker process and the item it is working on."""
 
-    def __init__(self, ctx: mp.context.BaseContext, fn: Callable[..., dict]) -> None:
+    def __init__(self, ctx: mp.context.BaseContext, fn: Callable[..., dict], init: Callable[[], None] | None) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn, init), daemon=True)
         self.proc.start()
         child.close()
         self.ready = False
@@ -176,8 +178,9 @@ def _context() -> mp.context.BaseContext:
     """Fork on Linux: workers inherit the parent's imported (and warmed-up) pymatgen and start in milliseconds.
 
     Not forkserver or spawn there: both re-import the caller's main module in every worker, which breaks scripts
-    without a ``__main__`` guard and Streamlit pages. Workers only run pymatgen/spglib code, never torch, so the
-    usual fork-after-threads hazard does not reach them. Elsewhere (macOS, Windows) spawn is the safe choice.
+    without a ``__main__`` guard and Streamlit pages. Workers run pymatgen/spglib code, and torch only where the
+    parent pinned torch to one thread before using it (`engine.evaluate.relax`), so the usual fork-after-threads
+    hazard does not reach them. Elsewhere (macOS, Windows) spawn is the safe choice.
     """
     global _parent_warm
     if sys.platform.startswith("linux"):
@@ -200,6 +203,7 @@ def run_pool(
     workers: int,
     timeout_s: float | None,
     progress: Progress | None = None,
+    init: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Run ``fn(*task[1:])`` for every task on ``workers`` killable, time-boxed processes; results in task order.
 
@@ -210,12 +214,14 @@ def run_pool(
         timeout_s: Time box per task in seconds (None: none). A task over it, or whose worker dies, gets a row
             from `_problem_row` (``failure_reason`` ``timeout`` / ``worker_crashed``) and a fresh worker.
         progress: Called as ``progress(done, total)`` after each task.
+        init: Run once in each worker before it says ready (load a model, warm it up), so start-up costs are not
+            charged to the first task's time box; a module-level function or ``functools.partial`` of one.
     """
     ctx = _context()
     pending = deque(tasks)
     rows: list[dict | None] = [None] * len(tasks)
     done = 0
-    pool = [_Worker(ctx, fn) for _ in range(min(workers, len(tasks)))]
+    pool = [_Worker(ctx, fn, init) for _ in range(min(workers, len(tasks)))]
 
     def finish(index: int, row: dict) -> None:
         nonlocal done
@@ -243,7 +249,7 @@ def run_pool(
                         raise RuntimeError("an evaluation worker died while starting; see its stderr above")
                     w.stop(kill=True)
                     finish(w.index, _problem_row("worker_crashed", f"the worker exited with {w.proc.exitcode}"))
-                    pool[pool.index(w)] = _Worker(ctx, fn)
+                    pool[pool.index(w)] = _Worker(ctx, fn, init)
                     continue
                 if message == "ready":
                     w.ready = True
@@ -259,7 +265,7 @@ def run_pool(
                     raise RuntimeError(f"an evaluation worker did not start within {_STARTUP_TIMEOUT_S} s")
                 w.stop(kill=True)
                 finish(w.index, _problem_row("timeout", f"no verdict within {timeout_s} s; the worker was killed"))
-                pool[i] = _Worker(ctx, fn)
+                pool[i] = _Worker(ctx, fn, init)
     finally:
         for w in pool:
             w.stop(kill=done < len(tasks))
