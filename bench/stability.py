@@ -2,8 +2,10 @@
 
 Calibration (MP-20 rows with DFT ``formation_energy_per_atom`` and ``e_above_hull``, ``../shared/data/mp20_subset``):
 ``--targets`` rows whose chemical system holds at least one other MP-20 compound (deterministic: by material id)
-and those competing compounds are relaxed with each potential (`engine.evaluate.relax.relax_many`, the path
-``crystallab stability`` takes), together with ase's elemental reference solids. Reported per potential:
+and those competing compounds get single-point energies on their DFT-relaxed structures (``--calib-steps N``
+relaxes them instead) through `engine.evaluate.relax.relax_many`, the path ``crystallab stability`` takes;
+elemental references (ase's reference solids and MP-20's elemental rows, lowest per element) are relaxed.
+Reported per potential:
 
 - formation-energy MAE against DFT on the lab's footing (CHGNet as is, SevenNet with MP2020 corrections), and on
   the other footing (CHGNet with MP2020 applied again, SevenNet raw), which shows which footing is right;
@@ -20,7 +22,7 @@ work to do, as generated crystals do:
   every fork), as ratio naive / lab in the same run;
 - the projected wall-clock time of stability for 1,000 generated crystals on this machine (lab path).
 
-    uv run python bench/stability.py --targets 6 --per-bin 1 --workers 2
+    uv run python bench/stability.py --targets 4 --per-bin 1 --workers 2
 """
 
 from __future__ import annotations
@@ -93,10 +95,17 @@ def _element_of(formula: str) -> str:
     return Composition(formula).elements[0].symbol
 
 
+def _elements_of(formula: str) -> set[str]:
+    from pymatgen.core import Composition
+
+    return {el.symbol for el in Composition(formula).elements}
+
+
 def calibrate(name: str, df: pd.DataFrame, targets: list[int], union: list[int], competitors: dict,
-              refs: dict[str, str], workers: int, timeout: float) -> dict:
+              refs: dict[str, str], workers: int, timeout: float, calib_steps: int) -> dict:
     t0 = time.perf_counter()
-    rows = relax_many(list(df["cif"].iloc[union]), name, device="cpu", workers=workers, timeout_s=timeout, steps=200)
+    rows = relax_many(list(df["cif"].iloc[union]), name, device="cpu", workers=workers, timeout_s=timeout,
+                      relax=calib_steps > 0, steps=max(calib_steps, 1))
     ref_rows = relax_many(list(refs.values()), name, device="cpu", workers=workers, timeout_s=timeout, steps=200)
     seconds = time.perf_counter() - t0
     pot = get_potential(name, "cpu")
@@ -116,8 +125,8 @@ def calibrate(name: str, df: pd.DataFrame, targets: list[int], union: list[int],
         if any(el.symbol not in mu for el in comp.elements):
             continue
         ref = sum(comp.get_atomic_fraction(el) * mu[el.symbol] for el in comp.elements)
-        final = parse_structure(r["relaxed_cif"])
         raw = r["raw_energy_per_atom"]
+        final = parse_structure(r["relaxed_cif"]) if r["relaxed_cif"] else parse_structure(df["cif"].iat[i])
         other = raw if pot.apply_mp2020 else mp2020_corrected(final, raw * len(final)) / len(final)
         dft = float(df["formation_energy_per_atom"].iat[i])
         by_row[i] = (r["formula"], r["energy_per_atom"])
@@ -156,6 +165,9 @@ def calibrate(name: str, df: pd.DataFrame, targets: list[int], union: list[int],
         "n_targets": len(e_err), "targets_covered": covered,
         "e_hull_mae": float(np.mean(e_err)) if e_err else None,
         "e_hull_mae_dft_loo_floor": float(np.mean(e_err_dft)) if e_err_dft else None,
+        "formation_error_by_element": dict(sorted(
+            ((el, float(np.mean([e for e, f, _, _ in worst if el in _elements_of(f)]))) for el in
+             {el for _, f, _, _ in worst for el in _elements_of(f)}), key=lambda kv: -kv[1])[:5]),
         "worst_formation": [{"formula": f, "dft": d, "predicted": p} for _, f, d, p in sorted(worst)[::-1][:5]],
         "failures": {str(k): int(v) for k, v in failures.items()}, "seconds": round(seconds, 1),
     }  # fmt: skip
@@ -205,9 +217,11 @@ def speed_naive(pot: Any, structures: list[tuple[str, Any]], steps: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--potentials", default=",".join(POTENTIALS), help="comma-separated (default: all)")
-    ap.add_argument("--targets", type=int, default=6, help="calibration targets (E_hull rows)")
+    ap.add_argument("--targets", type=int, default=4, help="calibration targets (E_hull rows)")
     ap.add_argument("--per-bin", type=int, default=1, help="speed structures per atoms-per-cell bin")
-    ap.add_argument("--steps", type=int, default=200, help="relaxation step limit in the speed runs")
+    ap.add_argument("--steps", type=int, default=100, help="relaxation step limit in the speed runs")
+    ap.add_argument("--calib-steps", type=int, default=0, help="relax the MP-20 rows (0: single points on their "
+                    "DFT-relaxed structures; elemental references are always relaxed, 200 steps)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -231,7 +245,7 @@ def main() -> None:
         loaded[name] = get_potential(name, "cpu")
         load_s = time.perf_counter() - t0
         print(f"{name}: loaded in {load_s:.1f} s", flush=True)
-        row = calibrate(name, df, targets, union, competitors, refs, args.workers, args.timeout)
+        row = calibrate(name, df, targets, union, competitors, refs, args.workers, args.timeout, args.calib_steps)
         print(f"{name}: calibration {row['seconds']} s", flush=True)
         t0 = time.perf_counter()
         row.update(load_s=round(load_s, 1), **speed_lab(name, speed_set, args.workers, args.timeout, args.steps))

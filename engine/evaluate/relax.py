@@ -154,7 +154,8 @@ def relax_one(
                 forces = atoms.get_forces()
             energy = float(atoms.get_potential_energy())
     except Exception as exc:  # noqa: BLE001 - any failure inside the potential becomes this row's reason
-        return _fail(row, "calculator_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return _fail(row, "calculator_error", f"{type(exc).__name__}: {first}")
     final = AseAtomsAdaptor.get_structure(atoms)
     row.update(
         relaxed=relax, converged=converged, steps=nsteps, raw_energy_per_atom=energy / n,
@@ -176,7 +177,8 @@ def relax_one(
     if relax:
         row["relaxed_cif"] = final.to(fmt="cif")
     if relax and not converged:
-        return _fail(row, "not_converged", f"max force {row['final_fmax']:.3f} eV/Å after {nsteps} steps (fmax {fmax})")
+        detail = f"max force {row['final_fmax']:.3f} eV/Å after {nsteps} steps (fmax {fmax})"
+        return _fail(row, "not_converged", detail)
     return row
 
 
@@ -254,6 +256,7 @@ def relax_many(
     out = []
     for row in rows:
         if set(row) - set(RELAX_FIELDS):  # a timeout / crash row from the pool
-            row = {**empty_row(), "failure_reason": row.get("failure_reason"), "failure_detail": row.get("failure_detail")}
+            row = {**empty_row(), "failure_reason": row.get("failure_reason"),
+                   "failure_detail": row.get("failure_detail")}
         out.append(row)
     return out

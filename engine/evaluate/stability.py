@@ -76,7 +76,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str |
         if is_sample_set(path):
             raws = sorted((path / "raw").glob("*.txt"))
             if not raws:
-                raise InputError(f"{path} has no raw/*.txt: point at a sample-set folder written by `crystallab sample`")
+                raise InputError(f"{path} has no raw/*.txt: point at a sample-set folder from `crystallab sample`")
             for raw in raws:
                 cif = path / "processed" / f"{raw.stem}.cif"
                 if cif.is_file():

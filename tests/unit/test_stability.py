@@ -196,3 +196,25 @@ def test_job_argv_is_the_cli():
     argv = stability_job_argv(["runs/samples/s"], "chgnet", "mp20", "runs/samples/s", workers=2, timeout_s=60)
     args = build_parser("stability").parse_args(argv)
     assert args.potential == "chgnet" and args.hull == "mp20" and args.workers == 2 and args.timeout == 60
+
+
+@pytest.mark.slow  # a detached process that imports torch and loads CHGNet itself (20-60 s on a busy 2-core machine)
+def test_stability_runs_as_a_detached_job(nacl_hull, tmp_path):
+    import time
+
+    from engine.lab import jobs
+
+    hull_dir = nacl_hull.save(tmp_path / "hull")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "NaCl.cif").write_text(rocksalt().to(fmt="cif"))
+    out = tmp_path / "out"
+    argv = stability_job_argv([tmp_path / "in"], "chgnet", str(hull_dir), out, workers=1, timeout_s=120)
+    jobs.launch_job(argv, tmp_path / "job", kind="stability", target=out)
+    deadline = time.monotonic() + 300
+    while jobs.job_state(tmp_path / "job")["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(1)
+    state = jobs.job_state(tmp_path / "job")
+    assert state["state"] == "finished", jobs.tail_log(tmp_path / "job")
+    table = pd.read_csv(out / "stability.csv")
+    assert list(table["file"]) == ["NaCl.cif"] and abs(table["e_hull"].iat[0]) <= 0.05
+    assert jobs.progress(tmp_path / "job") == (1, 1)
