@@ -457,7 +457,7 @@ def import_hull(path: str | os.PathLike, name: str, *, potential: str | None = N
 
 def _summary_line(h: Hull) -> str:
     d = h.describe()
-    return (f"hull {d['name']} ({d['kind']}, potential {d['potential'] or 'n/a'}): {d['n_entries']} phases, "
+    return (f"hull {d['name']} (kind {d['kind']}, potential {d['potential'] or 'n/a'}): {d['n_entries']} phases, "
             f"{d['n_compounds']} compounds in {len(d['chemical_systems'])} chemical systems, "
             f"{len(d['elements'])} elements with a reference"
             + (f", no reference for {', '.join(d['missing_elements'])}" if d["missing_elements"] else "")
