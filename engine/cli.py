@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "postprocess": ("engine.crystal.postprocess", "post-process generated texts into CIFs"),
     "evaluate": ("engine.evaluate.evaluation", "check generated CIFs and compute set metrics"),
     "csp": ("engine.evaluate.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),
+    "hull": ("engine.evaluate.hull", "build, import and inspect reference convex hulls for E_hull"),
+    "stability": ("engine.evaluate.stability", "relax structures with an ML potential; E_hull against a hull"),
     "sweep": ("engine.evaluate.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
     "dashboard": ("engine.app.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
 }

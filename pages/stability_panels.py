@@ -39,7 +39,21 @@ def stability_table(set_dir: Path) -> pd.DataFrame | None:
         return None
     df = _read_stability(str(path), path.stat().st_mtime).copy()
     df["name"] = [Path(str(f)).stem for f in df["file"]]
+    if "relaxed_cif" in df.columns:  # `crystallab stability` writes relaxed/NNNN.cif and records its relative path
+        df["relaxed_cif"] = [_relaxed_text(Path(set_dir), v) for v in df["relaxed_cif"]]
     return df
+
+
+def _relaxed_text(set_dir: Path, value) -> str | None:
+    """The relaxed CIF's text: read from its file (a path relative to the set, kept inside it) or given inline."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    if value.lstrip().startswith("data_") or "\n" in value:
+        return value
+    path = (set_dir / value).resolve()
+    if set_dir.resolve() not in path.parents or not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _number(value) -> float | None:

@@ -134,11 +134,13 @@ def run_pool(
     workers: int,
     timeout_s: float | None,
     progress: Progress | None = None,
+    init: Callable[[], None] | None = None,
 ) -> list[dict]:
     """`engine.lab.pool.run_pool` for checks: a task over its time box, or whose worker dies, gets a row with
-    ``failure_reason`` ``timeout`` / ``worker_crashed``."""
+    ``failure_reason`` ``timeout`` / ``worker_crashed``; ``init`` runs in each worker before it takes work (load
+    a model there, e.g. an ML potential on a GPU, which does not survive a fork)."""
     return pool.run_pool(fn, tasks, workers, timeout_s, progress, problem=_problem_row, warm_up=warm_up_checks,
-                         error_reason="check_error")
+                         error_reason="check_error", init=init)
 
 
 def evaluate_texts(

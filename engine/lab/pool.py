@@ -26,12 +26,14 @@ STARTUP_TIMEOUT_S = 120.0
 
 
 def _worker_main(conn: Connection, fn: Callable[..., Any], warm_up: Callable[[], None] | None,
-                 problem: Callable[[str, str], Any], error_reason: str) -> None:
+                 problem: Callable[[str, str], Any], error_reason: str, init: Callable[[], None] | None) -> None:
     """Worker loop: warm up, say ready, then answer ``(index, *args)`` tasks with ``fn(*args)`` until None.
 
     An exception from ``fn`` is that task's result (``problem(error_reason, detail)``), not the worker's death."""
     if warm_up is not None:
         warm_up()
+    if init is not None:
+        init()
     conn.send("ready")
     while True:
         try:
@@ -51,11 +53,11 @@ class _Worker:
     """One killable worker process and the task it is working on."""
 
     def __init__(self, ctx: mp.context.BaseContext, fn: Callable[..., Any], warm_up: Callable[[], None],
-                 problem: Callable[[str, str], Any], error_reason: str) -> None:
+                 problem: Callable[[str, str], Any], error_reason: str, init: Callable[[], None] | None) -> None:
         self.conn, child = ctx.Pipe()
         # A forked worker inherits the parent's warm state (see `_context`); a spawned one starts cold.
         own_warm_up = None if ctx.get_start_method() == "fork" else warm_up
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn, own_warm_up, problem, error_reason),
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn, own_warm_up, problem, error_reason, init),
                                 daemon=True)
         self.proc.start()
         child.close()
@@ -111,6 +113,7 @@ def run_pool(
     problem: Callable[[str, str], Any],
     warm_up: Callable[[], None],
     error_reason: str = "task_error",
+    init: Callable[[], None] | None = None,
 ) -> list[Any]:
     """Run ``fn(*task[1:])`` for every task on ``workers`` killable, time-boxed processes; results in task order.
 
@@ -123,6 +126,9 @@ def run_pool(
         progress: Called as ``progress(done, total)`` after each task.
         problem: Builds the result of a task that timed out, whose worker died, or whose ``fn`` raised.
         error_reason: The reason given to ``problem`` when ``fn`` raises (its detail is the exception).
+        init: Run in each worker (never in this process) before it says ready, outside the time box: load what a
+            worker needs that must not be forked, such as a model on a GPU; a module-level function or a
+            ``functools.partial`` of one.
         warm_up: A module-level function run once in each worker (and once in this process, which workers fork
             from) before any time box starts, so first-use costs are not charged to the first task.
     """
@@ -132,7 +138,7 @@ def run_pool(
     pending = deque(tasks)
     rows: list[Any] = [None] * len(tasks)
     done = 0
-    pool = [_Worker(ctx, fn, warm_up, problem, error_reason) for _ in range(max(1, min(workers, len(tasks))))]
+    pool = [_Worker(ctx, fn, warm_up, problem, error_reason, init) for _ in range(max(1, min(workers, len(tasks))))]
 
     def finish(index: int, row: Any) -> None:
         nonlocal done
@@ -160,7 +166,7 @@ def run_pool(
                         raise RuntimeError("a pool worker died while starting; see its stderr above")
                     w.stop(kill=True)
                     finish(w.index, problem("worker_crashed", f"the worker exited with {w.proc.exitcode}"))
-                    pool[pool.index(w)] = _Worker(ctx, fn, warm_up, problem, error_reason)
+                    pool[pool.index(w)] = _Worker(ctx, fn, warm_up, problem, error_reason, init)
                     continue
                 if message == "ready":
                     w.ready = True
@@ -176,7 +182,7 @@ def run_pool(
                     raise RuntimeError(f"a pool worker did not start within {STARTUP_TIMEOUT_S:g} s")
                 w.stop(kill=True)
                 finish(w.index, problem("timeout", f"no result within {timeout_s:g} s; the worker was killed"))
-                pool[i] = _Worker(ctx, fn, warm_up, problem, error_reason)
+                pool[i] = _Worker(ctx, fn, warm_up, problem, error_reason, init)
     finally:
         for w in pool:
             w.stop(kill=done < len(tasks))
