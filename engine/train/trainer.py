@@ -467,7 +467,8 @@ class _Session:
 
 def _open_dataset(name: str, dist: Dist) -> Any:
     """Open the token dataset; the built-in corpus is built on first use (as `crystallab data corpus`)."""
-    from engine.data.datasets import build_dataset, load_token_dataset, resolve_dataset_dir
+    from engine.data.datasets import build_dataset, resolve_dataset_dir
+    from engine.data.tokens import load_token_dataset
 
     path = resolve_dataset_dir(name)
     if name == "builtin" and not path.exists() and dist.is_main:
@@ -673,7 +674,8 @@ def check_config(config: TrainConfig, run_dir: str | Path | None = None) -> tupl
     Raises:
         ConfigError, CheckpointError, InputError: as `train` would at its start.
     """
-    from engine.data.datasets import load_token_dataset, resolve_dataset_dir
+    from engine.data.datasets import resolve_dataset_dir
+    from engine.data.tokens import load_token_dataset
 
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from engine.data.datasets import build_dataset, load_token_dataset
+from engine.data.datasets import build_dataset
+from engine.data.tokens import load_token_dataset
 from engine.lab.errors import ConfigError, CrystallabError
 from engine.lab.fsutil import sha256_file
 from engine.lab.runs import RunFolder
