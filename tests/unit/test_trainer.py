@@ -348,7 +348,7 @@ EARLY_CHILD = textwrap.dedent(
     from engine.cli import main
 
     config, run, phase = sys.argv[1:4]
-    build, estimate, open_dataset = trainer._Session._build, trainer._Session.estimate, trainer._open_dataset
+    build, estimate, open_dataset = trainer._Session._build, trainer._Session.estimate, trainer.open_dataset
 
     def slow(name, real):
         def wrapper(*args, **kwargs):
@@ -359,7 +359,7 @@ EARLY_CHILD = textwrap.dedent(
         return wrapper
 
     trainer._Session._build = slow("build", build)
-    trainer._open_dataset = slow("data", open_dataset)
+    trainer.open_dataset = slow("data", open_dataset)
 
     def announce(self):
         if phase == "eval":
