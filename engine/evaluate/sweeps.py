@@ -240,7 +240,7 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
 
 def _sample_cell(model: Any, cell: Cell, sweep: _Sweep) -> None:
     """Write one cell's sample set (evaluation follows in the background)."""
-    from engine.sample.sampler import write_sample_set
+    from engine.sample.sample_sets import write_sample_set
 
     def check_stop(done: int, total: int) -> None:
         if sweep.stop_requested():
