@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from engine.data.datasets import load_token_dataset  # noqa: E402
+from engine.data.tokens import load_token_dataset  # noqa: E402
 from engine.lab.fsutil import read_jsonl  # noqa: E402
 from engine.models.gpt import PRESETS, GPTConfig  # noqa: E402
 from engine.train.batches import plan_context  # noqa: E402

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("engine.data.datasets", "build, import and inspect token datasets"),
     "ckpt": ("engine.models.checkpoint", "inspect checkpoints"),
     "train": ("engine.train.trainer", "train a model (scratch, fine-tune or resume)"),
-    "sample": ("engine.sample.sampler", "sample CIFs from a checkpoint for a composition / space-group prompt"),
+    "sample": ("engine.sample.sample_sets", "sample CIFs from a checkpoint for a composition / space-group prompt"),
     "postprocess": ("engine.crystal.postprocess", "post-process generated texts into CIFs"),
     "evaluate": ("engine.evaluate.evaluation", "check generated CIFs and compute set metrics"),
     "csp": ("engine.evaluate.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),

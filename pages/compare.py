@@ -14,7 +14,7 @@ import streamlit as st
 from engine.app import dashboard
 from engine.crystal import analysis
 from engine.evaluate import report, tables
-from engine.evaluate.sweeps import config_from_dict, dump_sweep_config
+from engine.evaluate.sweep_config import config_from_dict, dump_sweep_config
 from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json

@@ -137,7 +137,7 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
                              f"name={name}"]
                 if init_ckpt is not None:
                     overrides.append(f"init_ckpt={init_ckpt}")
-                from engine.train.trainer import check_config  # torch: loaded on launch, not with the page
+                from engine.train.preparation import check_config  # torch: loaded on launch, not with the page
 
                 # Refuse here what the run would refuse in the background (as `train --check`: data, checkpoint,
                 # folder, memory against the device's free memory, loop bounds).

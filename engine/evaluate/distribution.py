@@ -252,7 +252,7 @@ def load_reference(source: str | os.PathLike, *, limit: int | None = None, seed:
 
         path = resolve_dataset_dir(text)
     if path.is_dir() and (path / "val.bin").exists():
-        from engine.data.datasets import iter_cifs, load_token_dataset
+        from engine.data.tokens import iter_cifs, load_token_dataset
 
         cifs = list(iter_cifs(load_token_dataset(path), "val"))
         names = [f"val-{i}" for i in range(len(cifs))]

@@ -141,7 +141,7 @@ class TrainingIndex:
         """Index a token dataset's split by the formula on each CIF's ``data_`` line (CIFs decoded on demand)."""
         from engine.crystal.tokenizer import decode
         from engine.crystal.vocab import ITOS, NEWLINE_ID
-        from engine.data.datasets import cif_lengths, load_token_dataset
+        from engine.data.tokens import cif_lengths, load_token_dataset
 
         data = load_token_dataset(Path(dataset_dir))
         ids, starts = (data.train, data.train_starts) if split == "train" else (data.val, data.val_starts)

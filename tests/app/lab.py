@@ -43,8 +43,9 @@ def make_lab(base: Path, cache: Path) -> Path:
     from engine.data.datasets import build_dataset
     from engine.evaluate.csp import run_csp
     from engine.evaluate.evaluation import evaluate_sample_set
-    from engine.evaluate.sweeps import config_from_dict, run_sweep
-    from engine.sample.sampler import sample_to_dir
+    from engine.evaluate.sweep_config import config_from_dict
+    from engine.evaluate.sweeps import run_sweep
+    from engine.sample.sample_sets import sample_to_dir
     from engine.train.config import load_config
     from engine.train.trainer import train
 

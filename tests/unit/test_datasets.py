@@ -20,7 +20,8 @@ from engine.cli import main
 from engine.crystal.canonical import canonicalize, model_view
 from engine.crystal.tokenizer import decode
 from engine.crystal.vocab import DATA_ID, TOKENS
-from engine.data.datasets import build_dataset, import_tokens, iter_cifs, load_token_dataset
+from engine.data.datasets import build_dataset
+from engine.data.tokens import import_tokens, iter_cifs, load_token_dataset
 from engine.lab.errors import InputError
 from engine.lab.settings import get_settings
 

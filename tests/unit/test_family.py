@@ -141,7 +141,8 @@ def _known_cifs(golden_canonical, k: int = 2) -> list[str]:
 
 def test_a_sweep_compares_checkpoints_of_different_families_in_one_table(replay_family, golden_canonical,
                                                                           tmp_path):
-    from engine.evaluate.sweeps import config_from_dict, run_sweep
+    from engine.evaluate.sweep_config import config_from_dict
+    from engine.evaluate.sweeps import run_sweep
     from engine.lab.settings import get_settings
 
     runs = get_settings().runs_dir
@@ -167,7 +168,8 @@ def test_a_sweep_compares_checkpoints_of_different_families_in_one_table(replay_
 
 
 def test_a_sweep_knob_no_family_has_is_refused(replay_family, tmp_path):
-    from engine.evaluate.sweeps import config_from_dict, run_sweep
+    from engine.evaluate.sweep_config import config_from_dict
+    from engine.evaluate.sweeps import run_sweep
     from engine.lab.settings import get_settings
 
     replay_family(get_settings().runs_dir / "train" / "replay" / "ckpt" / "best.pt", ["data_X\n"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pymatgen.core import Structure
 
+import engine.sample.sample_sets as sample_sets
 import engine.sample.sampler as sampler
 from engine.cli import main as cli_main
 from engine.crystal.prompts import build_prompts
@@ -24,7 +25,8 @@ from engine.lab.fsutil import sha256_file
 from engine.lab.settings import get_settings
 from engine.models.checkpoint import save_checkpoint
 from engine.models.gpt import GPT, GPTConfig
-from engine.sample.sampler import generate, sample_to_dir
+from engine.sample.sample_sets import sample_to_dir
+from engine.sample.sampler import generate
 
 PROMPT = encode("data_Na2Cl2\n")
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48)
@@ -255,7 +257,7 @@ def test_sample_to_dir_refuses_a_folder_that_holds_something_else(memorized, tmp
 def _kill_at_sample(monkeypatch, k: int) -> None:
     """Make the k-th post-processed sample of this process raise KeyboardInterrupt, as a kill would stop it."""
     calls = {"n": 0}
-    real = sampler.postprocess
+    real = sample_sets.postprocess
 
     def killed(text, finished=None):
         calls["n"] += 1
@@ -263,7 +265,7 @@ def _kill_at_sample(monkeypatch, k: int) -> None:
             raise KeyboardInterrupt
         return real(text, finished)
 
-    monkeypatch.setattr(sampler, "postprocess", killed)
+    monkeypatch.setattr(sample_sets, "postprocess", killed)
 
 
 def test_a_killed_sample_run_keeps_finished_batches_and_the_same_command_finishes_it(memorized, tmp_path,

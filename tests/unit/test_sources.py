@@ -195,7 +195,7 @@ def test_one_rule_for_files_that_are_not_utf8(tmp_path, capsys):
 
 def test_an_oversized_meta_pkl_in_a_token_archive_is_not_read_whole(tmp_path, monkeypatch):
     import engine.data.sources
-    from engine.data.datasets import import_tokens
+    from engine.data.tokens import import_tokens
 
     monkeypatch.setattr(engine.data.sources, "META_MAX_BYTES", 4096)
     archive = tmp_path / "tokens.tar.gz"

@@ -15,15 +15,16 @@ import torch
 
 import engine.evaluate.sweeps as sweeps
 from engine.cli import main as cli_main
-from engine.evaluate.sweeps import (
+from engine.evaluate.sweep_config import (
     SweepConfig,
     cell_name,
     config_from_dict,
     dump_sweep_config,
     load_sweep_config,
     plan_cells,
-    run_sweep,
+    prompt_slug,
 )
+from engine.evaluate.sweeps import run_sweep
 from engine.lab.errors import CheckpointError, ConfigError
 from engine.lab.fsutil import sha256_file
 from engine.lab.settings import get_settings
@@ -100,7 +101,7 @@ def test_prompts_name_the_cell_as_written_or_by_formula_unit_and_z():
     assert texts[0].text == "data_Mg1O1\n"  # a reduced formula without z is a one-unit cell, not six prompts
     assert texts[1].formula == "Na4Cl4" and texts[1].spacegroup == "Fm-3m"
     assert texts[2].text == "data_"
-    assert [sweeps.prompt_slug(p) for p in texts] == ["Mg1O1", "Na4Cl4_Fm-3m", "unconditional"]
+    assert [prompt_slug(p) for p in texts] == ["Mg1O1", "Na4Cl4_Fm-3m", "unconditional"]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_set_overrides_read_yaml_lists_commas_and_checkpoint_labels(tmp_path):
     assert cfg.temperatures == (0.8, 0.6) and cfg.top_k == (5, 10) and cfg.n == (3,)
     assert cfg.checkpoints == {"a": "x.pt", "b": "/abs/y.pt"}
     # the resolved config written to sweep.yaml reads back to the same config
-    (tmp_path / "r.yaml").write_text(sweeps.dump_sweep_config(cfg))
+    (tmp_path / "r.yaml").write_text(dump_sweep_config(cfg))
     assert load_sweep_config(tmp_path / "r.yaml") == cfg
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep_config(tmp_path / "missing.yaml")

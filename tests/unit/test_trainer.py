@@ -16,7 +16,8 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from engine.data.datasets import build_dataset, load_token_dataset
+from engine.data.datasets import build_dataset
+from engine.data.tokens import load_token_dataset
 from engine.lab.errors import ConfigError, CrystallabError
 from engine.lab.fsutil import sha256_file
 from engine.lab.runs import RunFolder
@@ -347,7 +348,7 @@ EARLY_CHILD = textwrap.dedent(
     from engine.cli import main
 
     config, run, phase = sys.argv[1:4]
-    build, estimate, open_dataset = trainer._Session._build, trainer._Session.estimate, trainer._open_dataset
+    build, estimate, open_dataset = trainer._Session._build, trainer._Session.estimate, trainer.open_dataset
 
     def slow(name, real):
         def wrapper(*args, **kwargs):
@@ -358,7 +359,7 @@ EARLY_CHILD = textwrap.dedent(
         return wrapper
 
     trainer._Session._build = slow("build", build)
-    trainer._open_dataset = slow("data", open_dataset)
+    trainer.open_dataset = slow("data", open_dataset)
 
     def announce(self):
         if phase == "eval":
