@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = (args.out or benchlib.default_out("dashboard")).expanduser().resolve()
     runs = args.runs.expanduser().resolve() if args.runs else build_lab(out.parent / "dashboard-lab")
+    os.environ["CRYSTALLAB_RUNS"] = str(runs)  # the lab's own folder is an allowed one (find_sample_sets checks)
     info = benchlib.machine_info("cpu")
     rows = []
     pages = [p.strip() for p in args.pages.split(",")] if args.pages else page_files()

@@ -46,6 +46,7 @@ _GPT_WIDGETS = {
     "top_k": ("slider", "Top-k (0 = off)", 0, 100, 1, "sample_topk"),
     "top_p": ("slider", "Top-p (1 = off)", 0.05, 1.0, 0.05, "sample_topp"),
     "max_new_tokens": ("number", "Max new tokens", 16, 20_000, 1, "sample_max_tokens"),
+    "constrain": ("checkbox", "Constrain elements and space group", None, None, None, "sample_constrain"),
 }
 
 
@@ -55,6 +56,8 @@ def _knob_widget(container, knob, family: str):
         kind, label, lo, hi, step, key = _GPT_WIDGETS[knob.name]
         if kind == "slider":
             return container.slider(label, lo, hi, knob.default, step, key=key, help=knob.help)
+        if kind == "checkbox":
+            return container.checkbox(label, value=bool(knob.default), key=key, help=knob.help)
         return container.number_input(label, lo, hi, knob.default, key=key, help=knob.help)
     key = f"sample_knob_{family}_{knob.name}"
     label = knob.name.replace("_", " ").capitalize()

@@ -272,8 +272,30 @@ def read_structures(sources: Sequence[str]) -> tuple[list[_Item], list[dict], li
     return items, rejects, labels
 
 
+def _s8_crown() -> Any:
+    """Cyclo-S8, the molecule alpha-sulfur (MP's reference state) is made of, alone in a 15 Å box.
+
+    ase's ``dcdft`` sulfur is a one-atom cell about 0.7 eV/atom above alpha-S, which put every sulfide's formation
+    energy 0.35-0.48 eV/atom too low; the crown (ring radius 2.346 Å, atoms alternately 0.495 Å above and below
+    its plane: S-S 2.05 Å, as in alpha-S) lies within a few hundredths of an eV/atom of it (no lattice cohesion).
+    """
+    import math
+
+    from pymatgen.core import Lattice, Structure
+
+    box = 15.0
+    coords = [[box / 2 + 2.346 * math.cos(k * math.pi / 4), box / 2 + 2.346 * math.sin(k * math.pi / 4),
+               box / 2 + (0.495 if k % 2 else -0.495)] for k in range(8)]
+    return Structure(Lattice.cubic(box), ["S"] * 8, coords, coords_are_cartesian=True)
+
+
+_MOLECULAR_REFERENCES = {"S": _s8_crown}
+"""Elements whose reference state is a molecular solid that ase's collections misrepresent."""
+
+
 def elemental_reference_cifs(elements: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """CIF text of a reference solid per element (ase's ``dcdft`` collection, else ``ase.build.bulk``).
+    """CIF text of a reference solid per element (ase's ``dcdft`` collection, else ``ase.build.bulk``; sulfur
+    as the S8 crown, see `_s8_crown`).
 
     Returns:
         ``({element: cif}, [elements without a reference structure])``.
@@ -285,6 +307,9 @@ def elemental_reference_cifs(elements: Sequence[str]) -> tuple[dict[str, str], l
     found, missing = {}, []
     names = set(dcdft.names)
     for el in sorted(set(elements)):
+        if el in _MOLECULAR_REFERENCES:
+            found[el] = _MOLECULAR_REFERENCES[el]().to(fmt="cif")
+            continue
         try:
             atoms = dcdft[el] if el in names else bulk(el)
         except (ValueError, KeyError, TypeError):  # no reference state known to ase

@@ -351,7 +351,8 @@ _NOT_KNOBS = ("n", "k", "seed", "batch_size", "with_spacegroup", "allowed_elemen
 def knobs_text(sampling: Mapping[str, Any]) -> str:
     """A run's sampling knobs as prose for captions and reports (``temperature 1.0, top-k 10, ...``)."""
     parts = []
-    for key, value in sampling.items():
+    order = {name: i for i, name in enumerate((*_KNOB_LABELS, "constrain"))}
+    for key, value in sorted(sampling.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         if key in _NOT_KNOBS:
             continue
         if key == "constrain":

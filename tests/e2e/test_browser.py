@@ -110,7 +110,7 @@ def _sample_and_view(page, url: str, runs) -> None:
     state = _wait_job(runs / "jobs" / "sample" / "e2e-nacl")
     assert state["state"] == "finished", jobs.tail_log(runs / "jobs" / "sample" / "e2e-nacl")
     # The page notices by itself (its live fragment reruns the app) and selects the new set.
-    page.get_by_text("prompt Na4Cl4 | T 0.3").first.wait_for(timeout=30_000)
+    page.get_by_text("prompt Na4Cl4 | temperature 0.3").first.wait_for(timeout=30_000)
     _idle(page)
     # View opens the crystal where the user is looking: scroll to the gallery as a person does, click View,
     # and the dialog with the 3D view is on screen without scrolling.

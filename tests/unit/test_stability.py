@@ -247,3 +247,18 @@ def test_evaluate_with_stability_joins_the_halves_end_to_end(chgnet, nacl_hull, 
     assert summary["sun_rate"]["value"] is None  # novelty needs a training set (--train), so S.U.N. is n/a
     table = stability_table(sset)
     assert table["relaxed_cif"].iat[0].startswith("# generated") or "data_" in table["relaxed_cif"].iat[0]
+
+
+def test_sulfur_reference_is_the_s8_ring_not_a_one_atom_cell(chgnet):
+    """ase's one-atom S cell sits ~0.7 eV/atom above alpha-S and made every sulfide look far too stable."""
+    from ase.collections import dcdft
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from engine.evaluate.hull import elemental_reference_cifs
+
+    refs, missing = elemental_reference_cifs(["S", "Na"])
+    assert not missing and Structure.from_str(refs["S"], fmt="cif").composition.reduced_formula == "S"
+    assert len(Structure.from_str(refs["S"], fmt="cif")) == 8
+    ring = relax_one(refs["S"], chgnet, steps=200)
+    single = relax_one(AseAtomsAdaptor.get_structure(dcdft["S"]).to(fmt="cif"), chgnet, steps=200)
+    assert ring["failure_reason"] is None and ring["energy_per_atom"] < single["energy_per_atom"] - 0.5
