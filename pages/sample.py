@@ -95,73 +95,76 @@ with st.expander("Generate", expanded=True):
                             help="Checkpoints of runs under runs/train/, or any path (e.g. CrystaLLM's ckpt.pt)",
                             empty="No checkpoint under runs/train/ yet: train one on the Train page, or give the "
                                   "path of a checkpoint file (e.g. CrystaLLM's ckpt.pt) below.")
-    with common.user_errors():
+    # A checkpoint that cannot be sampled says why; the sample sets below stay browsable.
+    card = None
+    with common.user_errors(stop=False):
         card = _model_card(str(ckpt), ckpt.stat().st_mtime)
-    if card["problem"]:
+    if card is not None and card["problem"]:
         st.error(f"{ckpt.name} cannot be used for sampling: {card['problem']}", icon=":material/error:")
-        st.stop()
-    st.caption(card["caption"] + ("" if card["family"] == "crystallm-gpt" else f" | family {card['family']}"))
+        card = None
+    if card is not None:
+        st.caption(card["caption"] + ("" if card["family"] == "crystallm-gpt" else f" | family {card['family']}"))
 
-    conditional = st.toggle("Condition on a composition", value=True, key="sample_conditional")
-    formula, z, sg = None, None, None
-    if conditional:
-        c1, c2, c3 = st.columns([2, 1, 2])
-        formula = c1.text_input("Formula", value=remembered.get("formula") or "NaCl", key="sample_formula",
-                                help="A formula unit with Z (NaCl, Z=4) or a cell composition (Na4Cl4)")
-        z_default = int(remembered["z"]) if str(remembered.get("z") or "").isdigit() else 0
-        z_in = c2.number_input("Z (0: try 1,2,3,4,6,8)", 0, 32, min(z_default, 32), key="sample_z")
-        z = int(z_in) or None
-        sg_label = c3.selectbox("Space group", _sg_options(), key="sample_sg",
-                                help="The 227 space groups the CrystaLLM vocabulary can express")
-        sg = None if sg_label == "(any)" else sg_label.split(" (")[0]
-    st.query_params.update({"ckpt": common.rel(ckpt), "formula": formula or "", "z": str(z or 0)})
-    with common.user_errors():
-        prompts = build_prompts(formula, z=z, spacegroup=sg)
-    st.caption(f"{len(prompts)} prompt(s): " + ", ".join(p.label for p in prompts))
-
-    # Enter in a field of this form does not submit it: only the button starts a job.
-    with st.form("sample_form", enter_to_submit=False):
-        # The family's own knobs (the checkpoint decides which), three to a row.
-        shown = [k for k in card["knobs"] if k.kind != "bool"]
-        knobs: dict = {}
-        for start in range(0, len(shown), 3):
-            cols = st.columns(3)
-            for col, knob in zip(cols, shown[start : start + 3]):
-                knobs[knob.name] = _knob_widget(col, knob, card["family"])
-        for knob in (k for k in card["knobs"] if k.kind == "bool"):
-            knobs[knob.name] = _knob_widget(st, knob, card["family"])
-        c1, c2, c3 = st.columns(3)
-        n = c1.number_input("Samples per prompt", 1, 100_000, 8, key="sample_n")
-        seed = c2.number_input("Seed", 0, 2**31 - 1, 1337, key="sample_seed")
-        device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="sample_device")
-        default_name = f"{(prompts[0].formula or 'unconditional')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        name = st.text_input("Sample set name", value=default_name, key="sample_name")
-        go_ = st.form_submit_button("Generate", icon=":material/auto_awesome:", key="sample_generate")
-    if go_:
+        conditional = st.toggle("Condition on a composition", value=True, key="sample_conditional")
+        formula, z, sg = None, None, None
+        if conditional:
+            c1, c2, c3 = st.columns([2, 1, 2])
+            formula = c1.text_input("Formula", value=remembered.get("formula") or "NaCl", key="sample_formula",
+                                    help="A formula unit with Z (NaCl, Z=4) or a cell composition (Na4Cl4)")
+            z_default = int(remembered["z"]) if str(remembered.get("z") or "").isdigit() else 0
+            z_in = c2.number_input("Z (0: try 1,2,3,4,6,8)", 0, 32, min(z_default, 32), key="sample_z")
+            z = int(z_in) or None
+            sg_label = c3.selectbox("Space group", _sg_options(), key="sample_sg",
+                                    help="The 227 space groups the CrystaLLM vocabulary can express")
+            sg = None if sg_label == "(any)" else sg_label.split(" (")[0]
+        st.query_params.update({"ckpt": common.rel(ckpt), "formula": formula or "", "z": str(z or 0)})
         with common.user_errors():
-            name = jobs.check_name(name, "sample set name")
-            out = s.samples_dir / name
-            if out.exists():
-                raise InputError(f"sample set {name!r} already exists; choose another name")
-            argv = ["sample", "--ckpt", str(ckpt), "--n", str(int(n)), *knob_argv(knobs, CrystaLLMGPT_KNOBS),
-                    "--seed", str(int(seed)), "--device", device, "--out", str(out)]
-            if formula:
-                argv += ["--prompt", formula.strip()]
-            if z:
-                argv += ["--z", str(z)]
-            if sg:
-                argv += ["--sg", sg]
-            same = common.identical_job("sample", argv)
-            if same is not None:  # the same request again (a second press): follow the first, start nothing
-                same_dir, same_state = same
-                st.session_state["job_sample"] = str(same_dir)
-                st.session_state["sample_view"] = str(same_state.get("target") or same_dir)
-                st.info(f"The same request (checkpoint, prompt, knobs and seed) is already {same_state['state']} "
-                        f"as {same_dir.name!r}; showing it instead of sampling the same crystals twice. Change "
-                        "the seed for new samples.", icon=":material/content_copy:")
-            else:
-                common.launch(argv, "sample", name, target=out)
-                st.session_state["sample_view"] = str(out)
+            prompts = build_prompts(formula, z=z, spacegroup=sg)
+        st.caption(f"{len(prompts)} prompt(s): " + ", ".join(p.label for p in prompts))
+
+        # Enter in a field of this form does not submit it: only the button starts a job.
+        with st.form("sample_form", enter_to_submit=False):
+            # The family's own knobs (the checkpoint decides which), three to a row.
+            shown = [k for k in card["knobs"] if k.kind != "bool"]
+            knobs: dict = {}
+            for start in range(0, len(shown), 3):
+                cols = st.columns(3)
+                for col, knob in zip(cols, shown[start : start + 3]):
+                    knobs[knob.name] = _knob_widget(col, knob, card["family"])
+            for knob in (k for k in card["knobs"] if k.kind == "bool"):
+                knobs[knob.name] = _knob_widget(st, knob, card["family"])
+            c1, c2, c3 = st.columns(3)
+            n = c1.number_input("Samples per prompt", 1, 100_000, 8, key="sample_n")
+            seed = c2.number_input("Seed", 0, 2**31 - 1, 1337, key="sample_seed")
+            device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="sample_device")
+            default_name = f"{(prompts[0].formula or 'unconditional')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+            name = st.text_input("Sample set name", value=default_name, key="sample_name")
+            go_ = st.form_submit_button("Generate", icon=":material/auto_awesome:", key="sample_generate")
+        if go_:
+            with common.user_errors():
+                name = jobs.check_name(name, "sample set name")
+                out = s.samples_dir / name
+                if out.exists():
+                    raise InputError(f"sample set {name!r} already exists; choose another name")
+                argv = ["sample", "--ckpt", str(ckpt), "--n", str(int(n)), *knob_argv(knobs, CrystaLLMGPT_KNOBS),
+                        "--seed", str(int(seed)), "--device", device, "--out", str(out)]
+                if formula:
+                    argv += ["--prompt", formula.strip()]
+                if z:
+                    argv += ["--z", str(z)]
+                if sg:
+                    argv += ["--sg", sg]
+                same = common.identical_job("sample", argv)
+                if same is not None:  # the same request again (a second press): follow the first, start nothing
+                    same_dir, same_state = same
+                    st.session_state["job_sample"] = str(same_dir)
+                    st.session_state["sample_view"] = str(same_state.get("target") or same_dir)
+                    st.info(f"The same request (checkpoint, prompt, knobs and seed) is already {same_state['state']} "
+                            f"as {same_dir.name!r}; showing it instead of sampling the same crystals twice. Change "
+                            "the seed for new samples.", icon=":material/content_copy:")
+                else:
+                    common.launch(argv, "sample", name, target=out)
+                    st.session_state["sample_view"] = str(out)
 
 job = common.current_job("sample")
 if job is not None and jobs.job_state(job)["state"] == "running":
