@@ -582,11 +582,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, desc="targets", unit="target", file=sys.stderr, leave=False))
         bars[0].update(done - bars[0].n)
 
+    from engine.models.crystallm import CrystaLLMGPT
+    from engine.models.family import get_family, knobs_from_args, peek_family
+
+    knobs = knobs_from_args(args, CrystaLLMGPT.knobs, get_family(peek_family(ckpt)), defaults=CSP_KNOB_DEFAULTS)
     try:
         summary = run_csp(
-            ckpt, args.targets, out, k=args.k, limit=args.limit, subset_seed=args.subset_seed,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            seed=args.seed, with_spacegroup=args.spacegroup, constrain=args.constrain, batch_size=args.batch_size,
+            ckpt, args.targets, out, k=args.k, limit=args.limit, subset_seed=args.subset_seed, knobs=knobs,
+            seed=args.seed, with_spacegroup=args.spacegroup, batch_size=args.batch_size,
             device=args.device, workers=args.workers, timeout_s=args.timeout, progress=progress,
         )
     finally:
@@ -599,6 +602,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         f"{_pct(summary['valid_sample_rate'])}  ->  {out}"
     )
     return 0
+
+
+CSP_KNOB_DEFAULTS = {"temperature": 1.0, "max_new_tokens": 1024}
+"""CrystaLLM's published CSP evaluation settings where they differ from the GPT family's sampling defaults."""
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -620,15 +627,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use a random subset of this many targets (default all)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of that subset (default 0)")
     p.add_argument("--spacegroup", action="store_true", help="also give each target's space group in the prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=10, help="top-k filter; 0 = off (default 10)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filter; 1 = off (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="token budget per sample (default 1024)")
+    from engine.models.crystallm import CrystaLLMGPT
+    from engine.models.family import add_knob_arguments
+
+    add_knob_arguments(p, CrystaLLMGPT.knobs, defaults=CSP_KNOB_DEFAULTS)
     p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default min(k, 64))")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--no-constrain", dest="constrain", action="store_false",
-                   help="do not restrict element and space-group tokens")
     p.add_argument("--workers", type=int, default=None, help="scoring processes (default: CPU count)")
     p.add_argument("--timeout", type=float, default=30.0, help="time box per sample's scoring, s (default 30)")
     p.add_argument("--out", default=None, help="run folder; relative paths are under <runs>/csp (default: a new "

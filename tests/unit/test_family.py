@@ -202,3 +202,19 @@ def test_ckpt_inspect_describes_any_family(replay_family, tiny_ckpt, tmp_path, c
     assert cli_main(["ckpt", "inspect", str(replay)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["family"], info["n_texts"], info["knobs"]) == ("replay", 2, {"stride": 1})
+
+
+def test_csp_scores_a_checkpoint_of_another_family(replay_family, golden_canonical, tmp_path):
+    """CSP through the seam: the replay family writes the target's own CIF back, so it is matched."""
+    from engine.cli import main as cli_main
+
+    record = sorted((r for r in golden_canonical if "error" not in r), key=lambda r: len(r["ids"]))[0]
+    ckpt = replay_family(tmp_path / "replay.pt", [record["decoded"]])
+    targets = tmp_path / "targets.csv"
+    pd.DataFrame({"material_id": ["t0"], "cif": [record["symmetrized_cif"]]}).to_csv(targets, index=False)
+    out = tmp_path / "csp"
+    assert cli_main(["csp", "--ckpt", str(ckpt), "--targets", str(targets), "--k", "2", "--knob", "stride=1",
+                     "--workers", "1", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["match_rate"] == 1.0 and summary["checkpoint"]["family"] == "replay"
+    assert summary["sampling"]["stride"] == 1 and "temperature" not in summary["sampling"]
