@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from engine.lab import jobs
 from engine.lab.errors import InputError
@@ -104,3 +106,30 @@ def test_a_name_is_free_again_when_its_ended_job_left_no_output(tmp_path):
     out.mkdir()  # an ended job whose output exists keeps its name
     with pytest.raises(InputError, match="already holds"):
         jobs.launch_job(["--help"], job_dir, kind="sample", target=out)
+
+
+def test_the_following_note_goes_when_its_job_has_ended(tmp_path):
+    """Issue 11: the "already running; following it" note must not outlive the run it talks about."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def page(job_dir: str, repo: str) -> None:
+        import sys
+
+        import streamlit as st
+
+        sys.path.insert(0, repo)
+        from pages import common
+
+        st.session_state.setdefault("_following_sample", (job_dir, "already running; following it"))
+        common.following_note("sample")
+
+    job_dir = tmp_path / "job"
+    jobs.launch_job(["--help"], job_dir, kind="sample")  # a real detached job that ends at once
+    deadline = time.monotonic() + 60
+    while jobs.job_state(job_dir)["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert jobs.job_state(job_dir)["state"] == "finished"
+    at = AppTest.from_function(page, args=(str(job_dir), str(repo)), default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.info and at.session_state["_following_sample"] is None
