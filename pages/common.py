@@ -335,7 +335,7 @@ def structure_view(structure, *, key: str, height: int = 560) -> None:
     show_cell = c1.checkbox("Cell", value=True, key=f"{key}_cell")
     polyhedra = c2.checkbox("Polyhedra", value=False, key=f"{key}_poly",
                             help="Coordination polyhedra around cations with 4 to 8 neighbours")
-    beyond = c3.checkbox("Bonded atoms beyond the cell", value=False, key=f"{key}_beyond",
+    beyond = c3.checkbox("Neighbours outside", value=False, key=f"{key}_beyond",
                          help="Also draw the atoms outside the cell that a bond of an atom inside reaches")
     labels = c4.checkbox("Labels", value=False, key=f"{key}_labels")
     supercell = tuple(int(n) for n in rep.split("x"))
