@@ -47,12 +47,6 @@ class CrystaLLMGPT(FamilyModel):
         network, ckpt = load_model(path, dev)
         return cls(network, ckpt, Path(path), dev)
 
-    @classmethod
-    def from_network(cls, network: Any, device: Any = None) -> "CrystaLLMGPT":
-        """Wrap a GPT already in memory (a training loop's model, a benchmark's random weights)."""
-        dev = torch.device(device) if device is not None else next(network.parameters()).device
-        return cls(network, None, None, dev)
-
     @property
     def device(self) -> torch.device:
         return self._device

@@ -25,7 +25,7 @@ import importlib
 import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -327,20 +327,6 @@ def load_family_model(path: str | os.PathLike, device: Any = "cpu") -> FamilyMod
     """
     path = Path(path)
     return get_family(peek_family(path)).load(path, device)
-
-
-@dataclass
-class FamilyInfo:
-    """What the dashboard shows about a family before any model is loaded."""
-
-    name: str
-    text_format: str
-    knobs: tuple[Knob, ...] = field(default_factory=tuple)
-
-
-def family_info(name: str) -> FamilyInfo:
-    cls = get_family(name)
-    return FamilyInfo(cls.family, cls.text_format, tuple(cls.knobs))
 
 
 _KNOB_LABELS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "max_new_tokens": "max new tokens"}

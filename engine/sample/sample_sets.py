@@ -51,7 +51,7 @@ from engine.models.family import (
     resolve_knobs,
     shared_knobs,
 )
-from engine.sample.sampler import DEFAULT_BATCH_SIZE, check_params, resolve_device
+from engine.sample.sampler import DEFAULT_BATCH_SIZE, check_counts, resolve_device
 
 
 def sample_to_dir(
@@ -96,7 +96,7 @@ def sample_to_dir(
         CheckpointError, ConfigError, PromptError: as `load_family_model` and `generate`.
     """
     dev = resolve_device(device)
-    check_params(n, 0.0, 0, 1.0, 1, batch_size)
+    check_counts(n, batch_size)
     out = _check_target(out_dir)
     model = load_family_model(ckpt, dev)
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -189,7 +189,7 @@ def write_sample_set(
         InputError: ``out`` (or its partial folder) holds a set made with other settings (they are named), or
             another live process is writing it.
     """
-    check_params(n, 0.0, 0, 1.0, 1, batch_size)
+    check_counts(n, batch_size)
     batch_size = min(n, batch_size or DEFAULT_BATCH_SIZE)
     request = {
         "prompt": prompt.to_dict(),
@@ -335,7 +335,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     prompts = build_prompts(args.prompt, z=args.z, spacegroup=args.sg)
     dev = resolve_device(args.device)
-    check_params(args.n, 0.0, 0, 1.0, 1, args.batch_size)
+    check_counts(args.n, args.batch_size)
     root = _out_root(args, prompts)
     # One prompt -> the set is the folder itself; several Z -> one set per Z in z1/, z2/, ... (n samples each).
     targets = [(p, _check_target(root if len(prompts) == 1 else root / f"z{p.z}")) for p in prompts]

@@ -162,8 +162,7 @@ def check_params(
     max_new_tokens: int,
     batch_size: int | None = None,
 ) -> None:
-    if n < 1:
-        raise ConfigError(f"number of samples n = {n} must be at least 1")
+    check_counts(n, batch_size)
     # NaN passes every comparison and inf divides logits to NaN/0: both must be refused by name.
     if not math.isfinite(temperature) or temperature < 0:
         raise ConfigError(f"temperature = {temperature} must be a finite number >= 0 (0 means greedy decoding)")
@@ -173,6 +172,12 @@ def check_params(
         raise ConfigError(f"top_p = {top_p} must be in (0, 1] (1 switches nucleus filtering off)")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens = {max_new_tokens} must be at least 1")
+
+
+def check_counts(n: int, batch_size: int | None = None) -> None:
+    """Refuse a sample count below 1 or a batch size below 1 (any family; knobs are checked by their family)."""
+    if n < 1:
+        raise ConfigError(f"number of samples n = {n} must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size = {batch_size} must be at least 1 (leave it unset for the default)")
 
