@@ -74,6 +74,8 @@ class TrainConfig:
     """Checkpoint to fine-tune from (ours or CrystaLLM's ``ckpt.pt``; relative: under ``runs/``); only read."""
     seed: int = 1337
     """Seed of weight init, batch windows and dropout; same seed and data, same losses."""
+    objective: str = "next-token"
+    """What is optimised (`engine.train.objectives.OBJECTIVES`): ``next-token`` is CrystaLLM's GPT objective."""
 
     # --- model (scratch: from ``preset``, then these keys; finetune/resume: from the checkpoint) ---
     preset: str | None = None
@@ -484,6 +486,10 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
     Checkpoint compatibility (vocabulary, shapes) is checked when the checkpoint is loaded, not here.
     """
     c = config
+    from engine.train.objectives import OBJECTIVES  # late: objectives may import configs' neighbours
+
+    _check(c.objective in OBJECTIVES,
+           f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {c.objective!r}", source)
     _check(c.init_from in INIT_MODES, f"init_from must be one of {', '.join(INIT_MODES)}, got {c.init_from!r}", source)
     _check(_NAME_RE.match(c.name) is not None,
            f"name {c.name!r} may only hold letters, digits, '.', '_' and '-' (it names a folder)", source)

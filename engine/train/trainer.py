@@ -50,7 +50,6 @@ import torch
 from engine.lab.errors import ConfigError, CrystallabError
 from engine.lab.runs import RunFolder
 from engine.models.checkpoint import save_checkpoint
-from engine.models.gpt import GPT, GPTConfig
 from engine.train.batches import ContextPlan, WindowSampler, derive_seed, plan_context
 from engine.train.config import (
     TrainConfig,
@@ -58,6 +57,7 @@ from engine.train.config import (
     field_docs,
     load_config,
 )
+from engine.train.objectives import objective_for
 from engine.train.preparation import check_config, check_resume_data, clear_stale_stop, open_dataset, resolve_sources
 from engine.train.setup import (
     Dist,
@@ -164,17 +164,8 @@ class _Session:
     def _build(self) -> None:
         c = self.config
         torch.manual_seed(c.seed)  # weight init
-        if self.ckpt is None:
-            self.model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                                       bias=c.bias, dropout=c.dropout))
-        else:
-            shape = GPTConfig.from_model_args(self.ckpt.model_args)
-            self.model = GPT(replace(shape, dropout=c.dropout))
-            self.model.load_state_dict(self.ckpt.state_dict)
-            if c.block_size < shape.block_size:
-                # Before the optimizer exists: the cropped table is a new parameter, nothing stale refers to it.
-                self.model.crop_block_size(c.block_size)
-                self._info("cropped the position table from %d to %d tokens", shape.block_size, c.block_size)
+        self.objective = objective_for(c)
+        self.model = self.objective.build(c, self.ckpt, self._info)
         self._info("%s; %s non-embedding parameters", apply_freezing(self.model, c), f"{self.model.num_params():,}")
         self.model.to(self.device)
         self.optimizer = self.model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2),
@@ -227,7 +218,7 @@ class _Session:
                     self._stop_during_setup()  # the step-0 evaluation of a large model can take minutes
                 x, y = sampler.batch("eval", split, k, device=self.device)
                 with self.autocast:
-                    losses.append(self.fwd(x, y)[1].float())
+                    losses.append(self.objective.loss(self.fwd, x, y, step=k, train=False).float())
             out[split] = torch.stack(losses).mean().item()
         self.fwd.train()
         return out
@@ -245,7 +236,7 @@ class _Session:
             last = micro == self.accum - 1
             sync = self.step_model.no_sync() if self.dist.world_size > 1 and not last else nullcontext()
             with sync, self.autocast:
-                loss = self.step_model(x, y)[1] / self.accum  # the mean over micro-batches, not their sum
+                loss = self.objective.loss(self.step_model, x, y, step=step, train=True) / self.accum  # the mean over micro-batches, not their sum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
@@ -258,7 +249,7 @@ class _Session:
     def save(self, name: str, step: int) -> Path:
         path = self.run_folder.ckpt_dir / f"{name}.pt"
         meta = {"run": self.run_folder.name, "step": step, "data_fingerprint": self.ds.fingerprint,
-                "parent": self.parent}
+                "parent": self.parent, **self.objective.checkpoint_fields()}
         extra = {"mode": self.config.init_from, "tracker": self.tracker.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, iter_num=step,

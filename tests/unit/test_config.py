@@ -82,6 +82,7 @@ def test_min_lr_ratio_and_lr_decay_defaults(tmp_path):
         (["underrep_p=0.5"], ["underrep_p"]),
         (["batch_size=0"], ["batch_size"]),
         (["noequals"], ["key=value"]),
+        (["objective=contrastive"], ["objective", "next-token"]),
     ],
 )
 def test_bad_configs_are_refused_with_a_message_naming_the_key(overrides, words):
