@@ -281,7 +281,15 @@ def read_any(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """The ``crystallab`` provenance dict of a checkpoint file (empty for upstream files), memory-mapped."""
+    """The ``crystallab`` provenance dict of a checkpoint file (empty for upstream files), memory-mapped; of a
+    checkpoint folder (a Hugging Face run's), its ``crystallab.json``."""
+    if Path(path).is_dir():
+        f = Path(path) / "crystallab.json"
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{f} cannot be read ({exc}); the checkpoint folder is damaged") from None
+        return meta if isinstance(meta, dict) else {}
     meta = read_any(Path(path), "cpu", mmap=True).get(META_KEY)
     return dict(meta) if isinstance(meta, dict) else {}
 

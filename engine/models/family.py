@@ -195,6 +195,12 @@ class FamilyModel(ABC):
         return "cpu"
 
     @classmethod
+    def recognises(cls, path: Path) -> bool:
+        """Whether ``path``, a folder (or a name that is not a file), is a model of this family that records no
+        family itself (e.g. a Hugging Face model folder). Checkpoint files name their family and need no guess."""
+        return False
+
+    @classmethod
     def knob(cls, name: str) -> Knob:
         for k in cls.knobs:
             if k.name == name:
@@ -258,6 +264,7 @@ def provenance(model: FamilyModel) -> dict[str, Any]:
 # name -> class, or "module:Class" imported on first use (so `crystallab --help` does not import torch).
 _REGISTRY: dict[str, type[FamilyModel] | str] = {
     DEFAULT_FAMILY: "engine.models.crystallm:CrystaLLMGPT",
+    "hf-causal-lm": "engine.models.hf:HFCausalLM",
 }
 _PLUGINS_LOADED: set[str] = set()
 
@@ -308,14 +315,29 @@ def get_family(name: str) -> type[FamilyModel]:
 
 
 def peek_family(path: str | os.PathLike) -> str:
-    """The family a checkpoint file records (``crystallab.family``), without building a model.
+    """The family a checkpoint records (``crystallab.family``), without building a model.
+
+    A checkpoint folder records it in ``crystallab.json``; a folder (or a missing path) that records none is
+    claimed by the first family whose `FamilyModel.recognises` accepts it.
 
     Raises:
-        CheckpointError: as `engine.models.checkpoint.read_raw` (missing, unreadable, pickled code).
+        CheckpointError: as `engine.models.checkpoint.read_raw` (missing, unreadable, pickled code), or a folder
+            no family recognises.
     """
     from engine.models.checkpoint import read_meta
 
-    meta = read_meta(Path(path))
+    p = Path(path)
+    if p.is_dir() or not p.exists():
+        meta = read_meta(p) if p.is_dir() else {}
+        if meta.get("family"):
+            return str(meta["family"])
+        for name in family_names():
+            if get_family(name).recognises(p):
+                return name
+        if p.is_dir():
+            raise CheckpointError(f"{p} is a folder that is no model: pass a checkpoint file (.pt), a Hugging Face "
+                                  "model folder (config.json, weights, tokenizer) or a run's checkpoint folder")
+    meta = read_meta(p)
     return str(meta.get("family") or DEFAULT_FAMILY)
 
 

@@ -77,6 +77,22 @@ class TrainConfig:
     objective: str = "next-token"
     """What is optimised (`engine.train.objectives.OBJECTIVES`): ``next-token`` is CrystaLLM's GPT objective."""
 
+    # --- Hugging Face causal LM (``objective: hf-causal-lm``; `engine.train.hf_objective`) ---
+    hf_model: str | None = None
+    """Local Hugging Face model folder to fine-tune (config.json, weights, tokenizer); never downloaded."""
+    hf_text_format: str = "gruver"
+    """Crystal text the HF model learns: ``gruver`` (Gruver et al.'s string and prompts) or ``cif`` (CrystaLLM CIF)."""
+    hf_lora_rank: int = 8
+    """LoRA rank via peft (Gruver: 8); 0 fine-tunes every weight instead."""
+    hf_lora_alpha: float = 32.0
+    """LoRA scaling alpha (Gruver: 32)."""
+    hf_lora_dropout: float = 0.05
+    """Dropout on the LoRA input (Gruver: 0.05)."""
+    hf_lora_targets: str = "q_proj,v_proj"
+    """Modules that get adapters: comma-separated names (Gruver: q_proj,v_proj) or ``all-linear``."""
+    hf_quantize: int | None = None
+    """Load the base model in 4 or 8 bits (QLoRA; needs bitsandbytes and a CUDA GPU); null: full precision."""
+
     # --- model (scratch: from ``preset``, then these keys; finetune/resume: from the checkpoint) ---
     preset: str | None = None
     """Model shape preset of ``engine.models.gpt.PRESETS`` (tiny, small, medium, large); default small for scratch."""
@@ -490,6 +506,8 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
 
     _check(c.objective in OBJECTIVES,
            f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {c.objective!r}", source)
+    problem = OBJECTIVES[c.objective](c).config_problem(c)
+    _check(problem is None, str(problem), source)
     _check(c.init_from in INIT_MODES, f"init_from must be one of {', '.join(INIT_MODES)}, got {c.init_from!r}", source)
     _check(_NAME_RE.match(c.name) is not None,
            f"name {c.name!r} may only hold letters, digits, '.', '_' and '-' (it names a folder)", source)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -52,6 +53,34 @@ class Objective(ABC):
         """Extra provenance for ``meta.crystallab`` (e.g. ``family``, ``mask_id``) so the family loads back."""
         return {}
 
+    def config_problem(self, config: Any) -> str | None:
+        """Why ``config`` cannot train this objective (one line), or None; checked when the config is loaded."""
+        return None
+
+    def sampler(self, ds: Any, split: str, window: int, batch_size: int, seed: int, starts: Any) -> Any:
+        """Where the trainer draws batches of ``split``: anything with ``batch(*key, device=...) -> (x, y)``.
+
+        The default draws token windows of the dataset (`WindowSampler`); an objective whose model reads another
+        tokenization (a Hugging Face model) builds its own batches from the dataset's structures.
+        """
+        from engine.train.batches import WindowSampler
+
+        return WindowSampler(ds.train if split == "train" else ds.val, window, batch_size, seed, starts)
+
+    def save(self, ckpt_dir: Path, name: str, *, model: torch.nn.Module, optimizer: Any, step: int,
+             best_val_loss: float | None, config: dict[str, Any], meta: dict[str, Any], extra: dict[str, Any]
+             ) -> Path:
+        """Write checkpoint ``name`` (``last`` / ``best``) into ``ckpt_dir`` atomically; return its path.
+
+        The default is CrystaLLM's ``NAME.pt`` layout (`engine.models.checkpoint.save_checkpoint`).
+        """
+        from engine.models.checkpoint import save_checkpoint
+
+        path = ckpt_dir / f"{name}.pt"
+        save_checkpoint(path, model=model, optimizer=optimizer, iter_num=step, best_val_loss=best_val_loss,
+                        config=config, meta=meta, extra=extra)
+        return path
+
     def describe(self) -> str:
         return self.name
 
@@ -88,6 +117,15 @@ def build_gpt(config: Any, ckpt: Any | None, info: Callable[..., None]) -> GPT:
 
 # Objectives by the config's ``objective`` key; later stages register theirs here (masked diffusion, ...).
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"next-token": lambda config: NextTokenObjective()}
+
+
+def _hf_objective(config: Any) -> Objective:
+    from engine.train.hf_objective import HFObjective  # late: transformers is imported only by HF runs
+
+    return HFObjective(config)
+
+
+OBJECTIVES["hf-causal-lm"] = _hf_objective
 
 
 def objective_for(config: Any) -> Objective:

@@ -49,8 +49,7 @@ import torch
 
 from engine.lab.errors import ConfigError, CrystallabError
 from engine.lab.runs import RunFolder
-from engine.models.checkpoint import save_checkpoint
-from engine.train.batches import ContextPlan, WindowSampler, derive_seed, plan_context
+from engine.train.batches import ContextPlan, derive_seed, plan_context
 from engine.train.config import (
     TrainConfig,
     dump_config,
@@ -193,11 +192,12 @@ class _Session:
                          if self.dtype != "float32" else nullcontext())
 
         starts = self.ds.train_starts if c.starts_only else None
-        self.train_sampler = WindowSampler(self.ds.train, self.plan.train_window, c.batch_size, c.seed, starts)
+        sampler = self.objective.sampler
+        self.train_sampler = sampler(self.ds, "train", self.plan.train_window, c.batch_size, c.seed, starts)
         self.eval_samplers = {"train": self.train_sampler}
         if self.plan.val_window:
-            self.eval_samplers["val"] = WindowSampler(self.ds.val, self.plan.val_window, c.batch_size, c.seed,
-                                                      self.ds.val_starts if c.starts_only else None)
+            self.eval_samplers["val"] = sampler(self.ds, "val", self.plan.val_window, c.batch_size, c.seed,
+                                                self.ds.val_starts if c.starts_only else None)
         self.tokens_per_step = c.batch_size * self.plan.train_window * c.gradient_accumulation_steps
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -247,15 +247,13 @@ class _Session:
         return loss_sum, grad_norm, lr
 
     def save(self, name: str, step: int) -> Path:
-        path = self.run_folder.ckpt_dir / f"{name}.pt"
         meta = {"run": self.run_folder.name, "step": step, "data_fingerprint": self.ds.fingerprint,
                 "parent": self.parent, **self.objective.checkpoint_fields()}
         extra = {"mode": self.config.init_from, "tracker": self.tracker.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        save_checkpoint(path, model=self.model, optimizer=self.optimizer, iter_num=step,
-                        best_val_loss=self.tracker.best if math.isfinite(self.tracker.best) else None,
-                        config=self.config.to_dict(), meta=meta, extra=extra)
-        return path
+        return self.objective.save(self.run_folder.ckpt_dir, name, model=self.model, optimizer=self.optimizer,
+                                   step=step, best_val_loss=self.tracker.best if math.isfinite(self.tracker.best)
+                                   else None, config=self.config.to_dict(), meta=meta, extra=extra)
 
     def _stop_during_setup(self) -> None:
         """Raise `StopRequested` for a signal caught in a status write, or a ``STOP`` file written during setup.
@@ -294,8 +292,9 @@ class _Session:
         fields: dict[str, Any] = {"step": step, "last_ckpt": str(last), "last_ckpt_step": step,
                                   "warning": warning or None}
         if improved:
-            _link_best(last, run.ckpt_dir / "best.pt")
-            fields.update(best_ckpt=str(run.ckpt_dir / "best.pt"), best_val_loss=self.tracker.best, best_step=step)
+            best = last.with_name("best" + last.suffix)
+            _link_best(last, best)
+            fields.update(best_ckpt=str(best), best_val_loss=self.tracker.best, best_step=step)
         run.write_status(**fields)
         val = f", val {losses['val']:.4f}" if "val" in losses else ""
         log.info("step %d: train %.4f%s%s", step, losses["train"], val, " (best so far: best.pt)" if improved else "")
@@ -353,10 +352,10 @@ class _Session:
             what = f"stopped on request ({exc.reason}) during {self.phase}"
         else:
             what = "interrupted mid-step (a second Ctrl-C)"
-        last = run.ckpt_dir / "last.pt"
-        if last.exists():
+        last = next(iter(sorted(run.ckpt_dir.glob("last*"))), None)  # last.pt, or a folder (HF runs)
+        if last is not None:
             step = run.read_status().get("last_ckpt_step")
-            kept = (f"ckpt/last.pt{f' (step {step})' if step is not None else ''} is kept; continue with "
+            kept = (f"ckpt/{last.name}{f' (step {step})' if step is not None else ''} is kept; continue with "
                     f"`crystallab train --resume {run.path}`")
         else:
             kept = (f"no checkpoint was written yet, so nothing was saved; to start again, delete {run.path} or "
@@ -466,9 +465,18 @@ def _link_best(last: Path, best: Path) -> None:
     """Make ``best.pt`` the checkpoint just written as ``last.pt``, atomically and without writing it twice.
 
     A hard link keeps these bytes when ``last.pt`` is later replaced by a rename; filesystems without hard links
-    get a copy. Either way ``best.pt`` appears by an atomic rename.
+    get a copy. Either way ``best.pt`` appears by an atomic rename. A checkpoint folder (HF runs) is copied and
+    swapped in by renames (the old ``best`` is removed after the new one is in place).
     """
     tmp = best.parent / f".{best.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    if last.is_dir():
+        shutil.copytree(last, tmp)
+        old = best.parent / f".{best.name}.{os.getpid()}.{uuid.uuid4().hex}.old.tmp"
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     try:
         os.link(last, tmp)
     except OSError:
