@@ -137,12 +137,13 @@ def train_runs() -> list[Path]:
 
 
 def checkpoints() -> list[Path]:
-    """Every checkpoint of every training run, newest run first (``best`` before ``last``)."""
+    """Every checkpoint of every training run, newest run first (``best`` before ``last``): ``*.pt`` files and
+    checkpoint folders (a Hugging Face run's ``best/``, holding ``crystallab.json``)."""
     out = []
     s = settings()
     for run in _dirs(s.train_dir, "ckpt"):
-        out += sorted((p for p in (run / "ckpt").glob("*.pt") if s.is_allowed(p)),
-                      key=lambda p: (p.stem != "best", p.name))
+        found = [*(run / "ckpt").glob("*.pt"), *(p.parent for p in (run / "ckpt").glob("[!.]*/crystallab.json"))]
+        out += sorted((p for p in found if s.is_allowed(p)), key=lambda p: (p.stem != "best", p.name))
     return out
 
 
