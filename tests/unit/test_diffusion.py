@@ -3,6 +3,7 @@ contract (mask_id, masked_log_probs, fill) and one-line errors for wrong checkpo
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -221,3 +222,21 @@ def test_denoise_leaves_no_mask_with_blocks(diff_ckpt):
     out = denoise(net, canvas, steps=6, temperature=0.5, top_k=5, cfg_scale=0.0, remasking="low_confidence",
                   block_length=7, seeds=[1, 2])
     assert not bool((out == MASK_ID).any()) and torch.equal(out[:, :5], canvas[:, :5])
+
+
+def test_a_sweep_samples_gpt_and_diffusion_checkpoints_side_by_side(gpt_ckpt, diff_ckpt):
+    from engine.evaluate.sweep_config import config_from_dict
+    from engine.evaluate.sweeps import run_sweep
+
+    cfg = config_from_dict({
+        "name": "mix", "checkpoints": {"gpt": str(gpt_ckpt), "diff": str(diff_ckpt)}, "prompts": ["Na2Cl2"],
+        "temperatures": [0.8], "top_k": 5, "n": 2, "seeds": 1, "max_new_tokens": 16, "device": "cpu",
+        "eval_workers": 1, "knobs": {"steps": 4},
+    }, "test")
+    out = run_sweep(cfg)
+    records = {json.loads(p.read_text())["checkpoint"].get("family", "crystallm-gpt"): json.loads(p.read_text())
+               for p in (out / "cells").glob("*/config.json")}
+    assert set(records) == {"crystallm-gpt", "masked-diffusion"}
+    diff = records["masked-diffusion"]["sampling"]
+    assert (diff["steps"], diff["top_k"], diff["temperature"]) == (4, 5, 0.8) and "max_new_tokens" not in diff
+    assert (out / "summary.csv").exists()
