@@ -174,3 +174,32 @@ def test_load_family_model_reads_a_trained_run(three, tmp_path):
     model = load_family_model(run / "ckpt" / "last.pt", "cpu")
     assert isinstance(model, MaskedDiffusionModel) and model.lengths is not None
     assert model.describe()["variant"] == "direct"
+
+
+class _Recorder(torch.nn.Module):
+    """Records the noisy inputs it is given; uniform logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, idx, attn_mask=None):
+        self.seen.append(idx.clone())
+        return torch.zeros(*idx.shape, MASK_ID + 1, requires_grad=True), None
+
+
+def test_the_objective_never_masks_the_prompt_and_repeats_its_draws():
+    from engine.train.diffusion import MaskedDiffusionObjective
+
+    text = "data_Na4Cl4\nloop_\n_atom_type_symbol\nNa\nCl\n_cell_length_a 5.6\n\n"
+    x = torch.tensor([encode(text)] * 8)
+    obj = MaskedDiffusionObjective(load_config(None, ["objective=masked-diffusion", "diffusion_prompt_dropout=0",
+                                                      "diffusion_random_length=0"]))
+    rec = _Recorder()
+    a = obj.loss(rec, x, x, step=3, train=True)
+    b = MaskedDiffusionObjective(obj.config).loss(rec, x, x, step=3, train=True)  # a resumed run, same step
+    assert float(a.detach()) == float(b.detach()) and torch.equal(rec.seen[0], rec.seen[1])
+    keep = prompt_positions(x)
+    assert not bool((rec.seen[0][keep] == MASK_ID).any()) and bool((rec.seen[0][~keep] == MASK_ID).any())
+    obj.loss(rec, x, x, step=3, train=True)  # the next micro-batch of that step draws other masks
+    assert not torch.equal(rec.seen[2], rec.seen[0])
