@@ -63,6 +63,8 @@ def _knob_widget(container, knob, family: str):
     label = knob.name.replace("_", " ").capitalize()
     if knob.kind == "bool":
         return container.checkbox(label, value=bool(knob.default), key=key, help=knob.help)
+    if knob.kind == "choice":
+        return container.selectbox(label, knob.choices, index=knob.choices.index(knob.default), key=key, help=knob.help)
     cast = float if knob.kind == "float" else int
     lo = cast(knob.low) if knob.low is not None else None
     hi = cast(knob.high) if knob.high is not None else None

@@ -34,6 +34,7 @@ from engine import __version__
 from engine.crystal.vocab import vocab_fingerprint
 from engine.lab.errors import CheckpointError, ConfigError
 from engine.lab.fsutil import atomic_write, sha256_file
+from engine.models.family import DEFAULT_FAMILY
 from engine.models.gpt import GPT, VOCAB_SIZE, GPTConfig, state_dict_shapes
 
 UPSTREAM_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")
@@ -320,7 +321,8 @@ def _clean_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def vocab_problem(path: Path, model_args: dict[str, Any], meta: dict[str, Any]) -> str | None:
     """Why this checkpoint's vocabulary does not match ours, or None when it does.
 
-    Upstream checkpoints carry no fingerprint; they are accepted when ``vocab_size`` is 371 (CrystaLLM's).
+    Upstream checkpoints carry no fingerprint; they are accepted when ``vocab_size`` is 371 (CrystaLLM's). A
+    family that appends ids after the 371 (masked diffusion's ``<mask>``) lists them in ``meta["added_tokens"]``.
     """
     found = meta.get("vocab_fingerprint")
     if found is not None and found != vocab_fingerprint():
@@ -330,7 +332,8 @@ def vocab_problem(path: Path, model_args: dict[str, Any], meta: dict[str, Any]) 
             "with the CrystaLLM vocabulary"
         )
     size = model_args.get("vocab_size")
-    if size != VOCAB_SIZE:
+    added = len(meta.get("added_tokens") or ())  # ids a family appends after the base vocabulary (a mask token)
+    if size != VOCAB_SIZE + added:
         return (
             f"{path} has vocab_size {size} but the CrystaLLM vocabulary has {VOCAB_SIZE} tokens; this lab can "
             "only use checkpoints trained with CrystaLLM's 371-token vocabulary"
@@ -467,11 +470,24 @@ def load_model(
     """
     # Memory-mapped: of a CrystaLLM small ckpt.pt (311 MB) only the ~100 MB of weights are ever read.
     ckpt = load_checkpoint(path, mmap=True)
+    require_gpt(ckpt, Path(path))
     model = GPT(ckpt.model_config)
     model.load_state_dict(ckpt.state_dict, strict=True)
     ckpt.state_dict = {}  # the weights live in the model now; do not hold a second copy
     model.to(device=device, dtype=dtype)
     return model.eval(), ckpt
+
+
+def require_gpt(ckpt: Checkpoint, path: Path) -> None:
+    """Refuse a checkpoint of another model family (e.g. masked diffusion) where a CrystaLLM GPT is needed.
+
+    Raises:
+        CheckpointError: one line naming the file and its family.
+    """
+    family = ckpt.meta.get("family")
+    if family not in (None, DEFAULT_FAMILY):
+        raise CheckpointError(f"{path} is a {family} checkpoint, not a CrystaLLM GPT one: use a GPT checkpoint "
+                              "here, or a command that loads any family (crystallab sample --ckpt)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -82,11 +82,12 @@ class Knob:
     Attributes:
         name: Key in sample-set configs, sweep configs and CLI flags (``top_k`` -> ``--top-k``).
         default: Value used when none is given.
-        kind: ``"float"``, ``"int"`` or ``"bool"``.
+        kind: ``"float"``, ``"int"``, ``"bool"`` or ``"choice"`` (one of ``choices``, a string).
         low: Smallest allowed value (inclusive; None: unbounded).
         high: Largest allowed value (inclusive; None: unbounded).
         help: One line for forms and ``--help``: what it does and its unit.
         none_ok: None is allowed (and means "off").
+        choices: The allowed values of a ``"choice"`` knob.
     """
 
     name: str
@@ -96,6 +97,7 @@ class Knob:
     high: float | None = None
     help: str = ""
     none_ok: bool = False
+    choices: tuple[str, ...] = ()
 
     def coerce(self, value: Any, source: str = "sampling settings") -> Any:
         """``value`` as this knob's type, checked against its range.
@@ -110,6 +112,10 @@ class Knob:
             if isinstance(value, bool):
                 return value
             raise ConfigError(f"{where} must be true or false, not {value!r}")
+        if self.kind == "choice":
+            if isinstance(value, str) and value in self.choices:
+                return value
+            raise ConfigError(f"{where} must be one of {', '.join(self.choices)}, not {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, not {value!r}")
         if self.kind == "int":
@@ -265,6 +271,7 @@ def provenance(model: FamilyModel) -> dict[str, Any]:
 _REGISTRY: dict[str, type[FamilyModel] | str] = {
     DEFAULT_FAMILY: "engine.models.crystallm:CrystaLLMGPT",
     "hf-causal-lm": "engine.models.hf:HFCausalLM",
+    "masked-diffusion": "engine.models.diffusion:MaskedDiffusionModel",
 }
 _PLUGINS_LOADED: set[str] = set()
 
@@ -412,7 +419,8 @@ def add_knob_arguments(parser: Any, knobs: Sequence[Knob], defaults: Mapping[str
                 parser.add_argument(flag, dest=knob.name, action="store_const", const=True, default=None,
                                     help=knob.help)
         else:
-            parser.add_argument(flag, dest=knob.name, type=float if knob.kind == "float" else int, default=None,
+            parser.add_argument(flag, dest=knob.name, type={"float": float, "choice": str}.get(knob.kind, int),
+                                default=None,
                                 help=f"{knob.help} (default {default})")
     parser.add_argument("--knob", dest="knobs", action="append", default=[], metavar="NAME=VALUE",
                         help="a sampling knob of the checkpoint's model family by name (repeatable), e.g. "

@@ -76,6 +76,16 @@ class TrainConfig:
     """Seed of weight init, batch windows and dropout; same seed and data, same losses."""
     objective: str = "next-token"
     """What is optimised (`engine.train.objectives.OBJECTIVES`): ``next-token`` is CrystaLLM's GPT objective."""
+    diffusion_variant: str = "direct"
+    """Masked diffusion: ``direct`` (position i predicts token i, LLaDA) or ``shift`` (i predicts i + 1, DiffuGPT)."""
+    diffusion_anneal_steps: int = 0
+    """Masked diffusion: steps over which attention anneals from causal to bidirectional (0: bidirectional at once)."""
+    diffusion_random_length: float = 0.01
+    """Masked diffusion: fraction of training batches cropped to a random length (LLaDA: 1 %)."""
+    diffusion_prompt_dropout: float = 0.1
+    """Masked diffusion: fraction of sequences whose prompt may be masked too (trains the unguided pass of CFG)."""
+    diffusion_keep_spacegroup: bool = False
+    """Masked diffusion: also never mask the atom-property block and space-group line (space-group prompts)."""
 
     # --- Hugging Face causal LM (``objective: hf-causal-lm``; `engine.train.hf_objective`) ---
     hf_model: str | None = None
@@ -508,6 +518,12 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
            f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {c.objective!r}", source)
     problem = OBJECTIVES[c.objective](c).config_problem(c)
     _check(problem is None, str(problem), source)
+    _check(c.diffusion_variant in ("direct", "shift"),
+           f"diffusion_variant must be direct or shift, got {c.diffusion_variant!r}", source)
+    _check(c.diffusion_anneal_steps >= 0,
+           f"diffusion_anneal_steps must be >= 0 (0: bidirectional at once), got {c.diffusion_anneal_steps}", source)
+    for key in ("diffusion_random_length", "diffusion_prompt_dropout"):
+        _check(0.0 <= getattr(c, key) <= 1.0, f"{key} must be a fraction in [0, 1], got {getattr(c, key)}", source)
     _check(c.init_from in INIT_MODES, f"init_from must be one of {', '.join(INIT_MODES)}, got {c.init_from!r}", source)
     _check(_NAME_RE.match(c.name) is not None,
            f"name {c.name!r} may only hold letters, digits, '.', '_' and '-' (it names a folder)", source)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from engine.lab.errors import ConfigError
+from engine.models.checkpoint import require_gpt
 from engine.models.gpt import GPT, GPTConfig
 
 
@@ -29,6 +30,9 @@ class Objective(ABC):
     """
 
     name: str = "objective"
+    loss_kind: str = "nll"
+    """What the loss is, recorded next to it in ``metrics.jsonl``: ``nll`` (nats/token) or ``nll_bound`` (an upper
+    bound on it, e.g. masked diffusion; never to be read as a perplexity equal to the AR one)."""
 
     @abstractmethod
     def build(self, config: Any, ckpt: Any | None, info: Callable[..., None]) -> torch.nn.Module:
@@ -105,6 +109,7 @@ def build_gpt(config: Any, ckpt: Any | None, info: Callable[..., None]) -> GPT:
     if ckpt is None:
         return GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
                              bias=c.bias, dropout=c.dropout))
+    require_gpt(ckpt, ckpt.path)
     shape = GPTConfig.from_model_args(ckpt.model_args)
     model = GPT(replace(shape, dropout=c.dropout))
     model.load_state_dict(ckpt.state_dict)
@@ -115,8 +120,10 @@ def build_gpt(config: Any, ckpt: Any | None, info: Callable[..., None]) -> GPT:
     return model
 
 
-# Objectives by the config's ``objective`` key; later stages register theirs here (masked diffusion, ...).
-OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"next-token": lambda config: NextTokenObjective()}
+def _masked_diffusion(config: Any) -> Objective:
+    from engine.train.diffusion import MaskedDiffusionObjective  # lazy: reading a config needs no torch model code
+
+    return MaskedDiffusionObjective(config)
 
 
 def _hf_objective(config: Any) -> Objective:
@@ -125,7 +132,12 @@ def _hf_objective(config: Any) -> Objective:
     return HFObjective(config)
 
 
-OBJECTIVES["hf-causal-lm"] = _hf_objective
+# Objectives by the config's ``objective`` key; later stages register theirs here.
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
+    "next-token": lambda config: NextTokenObjective(),
+    "masked-diffusion": _masked_diffusion,
+    "hf-causal-lm": _hf_objective,
+}
 
 
 def objective_for(config: Any) -> Objective:

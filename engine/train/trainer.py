@@ -286,7 +286,8 @@ class _Session:
         improved, early, warning = False, False, ""
         if "val" in losses:
             improved, early, warning = self.tracker.update(step, losses["train"], losses["val"])
-            run.log_metrics(step=step, split="val", loss=losses["val"], train_loss=losses["train"], lr=lr,
+            run.log_metrics(step=step, split="val", loss=losses["val"], loss_kind=self.objective.loss_kind,
+                            train_loss=losses["train"], lr=lr,
                             elapsed_s=time.time() - self.started)
         last = self.save("last", step)
         fields: dict[str, Any] = {"step": step, "last_ckpt": str(last), "last_ckpt_step": step,
@@ -297,7 +298,8 @@ class _Session:
             fields.update(best_ckpt=str(best), best_val_loss=self.tracker.best, best_step=step)
         run.write_status(**fields)
         val = f", val {losses['val']:.4f}" if "val" in losses else ""
-        log.info("step %d: train %.4f%s%s", step, losses["train"], val, " (best so far: best.pt)" if improved else "")
+        log.info("step %d: train %.4f%s%s%s", step, losses["train"], val, _kind_note(self.objective.loss_kind),
+                 " (best so far: best.pt)" if improved else "")
         if warning:
             log.warning("%s", warning)
         if early:
@@ -374,9 +376,11 @@ class _Session:
         if self.main and not self.resuming and "val" in self.eval_samplers:
             self.phase = "the step-0 evaluation"
             losses = self.estimate()  # the starting point: for a fine-tune, the source model's losses
-            run.log_metrics(step=0, split="val", loss=losses["val"], train_loss=losses["train"], lr=0.0,
+            run.log_metrics(step=0, split="val", loss=losses["val"], loss_kind=self.objective.loss_kind,
+                            train_loss=losses["train"], lr=0.0,
                             elapsed_s=time.time() - self.started)
-            log.info("step 0: train %.4f, val %.4f", losses["train"], losses["val"])
+            log.info("step 0: train %.4f, val %.4f%s", losses["train"], losses["val"],
+                     _kind_note(self.objective.loss_kind))
             self._stop_during_setup()
         self.phase = "training"
         with self.signals.deferred():  # from here a stop finishes its step, saves ckpt/last.pt and exits
@@ -407,7 +411,7 @@ class _Session:
                     raise ConfigError(f"the training loss became {loss} at step {step}; lower learning_rate "
                                       "or use dtype bfloat16 / float32")
                 if self.main:
-                    run.log_metrics(step=step, split="train", loss=loss, lr=lr,
+                    run.log_metrics(step=step, split="train", loss=loss, loss_kind=self.objective.loss_kind, lr=lr,
                                     tokens_per_s=tokens / (time.perf_counter() - t_log),
                                     grad_norm=float(grad_norm), elapsed_s=time.time() - self.started)
                     run.write_status(step=step)
@@ -459,6 +463,11 @@ class _TqdmHandler(logging.Handler):
         from tqdm import tqdm
 
         tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _kind_note(loss_kind: str) -> str:
+    """What a logged loss is, when it is not the plain NLL (nats/token)."""
+    return "" if loss_kind == "nll" else f" ({loss_kind}: nats/token, an upper bound on the NLL, not a perplexity)"
 
 
 def _link_best(last: Path, best: Path) -> None:
