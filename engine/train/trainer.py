@@ -254,7 +254,8 @@ class _Session:
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, iter_num=step,
                         best_val_loss=self.tracker.best if math.isfinite(self.tracker.best) else None,
-                        config=self.config.to_dict(), meta=meta, extra=extra)
+                        config=self.config.to_dict(), meta=meta, extra=extra,
+                        weights=self.objective.checkpoint_weights(self.model))
         return path
 
     def _stop_during_setup(self) -> None:
