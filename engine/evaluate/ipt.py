@@ -108,15 +108,26 @@ def translations_for(seed: int, index: int, k: int) -> np.ndarray:
 
 
 def probe_model(model: Any, label: str, structures: list[tuple[str, Any]], translations: int, seed: int,
-                progress: Callable[[int, int], None] | None = None) -> tuple[list[IptRow], list[dict[str, str]]]:
-    """IPT of every structure under one `FamilyModel`; structures its format cannot write are skipped (reason)."""
+                progress: Callable[[int, int], None] | None = None, texts_cache: dict | None = None
+                ) -> tuple[list[IptRow], list[dict[str, str]]]:
+    """IPT of every structure under one `FamilyModel`; structures its format cannot write are skipped (reason).
+
+    ``texts_cache`` (one dict shared by the checkpoints of a probe) keeps the translated texts per text format, so
+    checkpoints of one family do not symmetrize the same structures again.
+    """
     rows, skipped = [], []
+    cache = {} if texts_cache is None else texts_cache
     for i, (sid, s) in enumerate(structures):
-        try:
-            texts = [model.structure_text(s)] + [model.structure_text(translated(s, g))
-                                                 for g in translations_for(seed, i, translations)]
-        except InputError as exc:
-            skipped.append({"id": sid, "reason": str(exc)})
+        key = (model.text_format, i)
+        if key not in cache:
+            try:
+                cache[key] = [model.structure_text(s)] + [model.structure_text(translated(s, g))
+                                                          for g in translations_for(seed, i, translations)]
+            except InputError as exc:
+                cache[key] = str(exc)
+        texts = cache[key]
+        if isinstance(texts, str):
+            skipped.append({"id": sid, "reason": texts})
             continue
         ppl = [score.perplexity for score in model.sequence_log_likelihood(texts)]
         moved = np.array(ppl[1:])  # (translations,)
@@ -162,6 +173,7 @@ def run_probe(ckpts: list[Path], structures: str | Path, *, translations: int = 
         raise InputError(f"--n {n}: probe at least 1 structure")
     loaded, unparsed = load_structures(structures, n, seed)
     all_rows: list[IptRow] = []
+    texts_cache: dict = {}
     summary: dict[str, Any] = {"structures": str(structures), "n_requested": n, "translations": translations,
                                "seed": seed, "unparsed": unparsed, "checkpoints": [],
                                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -172,7 +184,7 @@ def run_probe(ckpts: list[Path], structures: str | Path, *, translations: int = 
         if progress:
             def report(done: int, total: int, label: str = label) -> None:
                 print(f"\r{label}: {done}/{total} structures", end="", file=sys.stderr, flush=True)
-        rows, skipped = probe_model(model, label, loaded, translations, seed, report)
+        rows, skipped = probe_model(model, label, loaded, translations, seed, report, texts_cache)
         if progress:
             print(file=sys.stderr)
         all_rows += rows
