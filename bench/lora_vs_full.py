@@ -5,12 +5,12 @@ a mixed set of 150 MP-20 training structures (seeded choice, 10 % validation). F
 LoRA fine-tune (rank 8, alpha 32, attention + MLP projections) run the same number of steps from the same base;
 each run is its own process so its peak resident memory (``ru_maxrss``) is its own. Reported: trainable
 parameters, peak RSS (and the RSS before training: imports and data), step-0 and best validation loss, training
-time, and validity / formula hit rate of samples from the best checkpoint (NaCl: prompt Na4Cl4; mixed: the cell
-compositions of three validation structures).
+time, and validity / formula hit rate of samples from the best checkpoint (NaCl: prompt NaCl, Z=4; mixed: the cell
+compositions of the last three chosen structures, as formula unit + Z).
 
     uv run python bench/lora_vs_full.py --base /work/artifacts/runs/train/demo_cpu/ckpt/best.pt --out /tmp/lora_bench
 
-Prints one JSON line per run and a markdown table; writes ``results.json`` in ``--out``.
+Prints one JSON line per run and a markdown table; writes ``results_<tasks>.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _nacl10(root: Path) -> tuple[Path, list[str]]:
+def _nacl10(root: Path) -> tuple[Path, list[tuple[str, int]]]:
     from pymatgen.core import Lattice, Structure
 
     from engine.data.datasets import build_dataset
@@ -42,14 +42,13 @@ def _nacl10(root: Path) -> tuple[Path, list[str]]:
         s.to(filename=str(cifs / f"nacl_{k}.cif"))
     if not (root / "nacl10").exists():
         build_dataset([str(cifs)], root / "nacl10", val_fraction=0.1, dedup=False, workers=1)
-    return root / "nacl10", ["Na4Cl4"]
+    return root / "nacl10", [("NaCl", 4)]
 
 
-def _mixed150(root: Path, mp20: Path, seed: int) -> tuple[Path, list[str]]:
+def _mixed150(root: Path, mp20: Path, seed: int) -> tuple[Path, list[tuple[str, int]]]:
     import pandas as pd
     from pymatgen.core import Structure
 
-    from engine.crystal.canonical import cell_formula
     from engine.data.datasets import build_dataset
 
     df = pd.read_csv(mp20 / "train.csv")
@@ -61,7 +60,8 @@ def _mixed150(root: Path, mp20: Path, seed: int) -> tuple[Path, list[str]]:
     if not (root / "mixed150").exists():
         build_dataset([str(cifs)], root / "mixed150", val_fraction=0.1, dedup=False, workers=1)
     last = [Structure.from_str(c, fmt="cif") for c in rows["cif"].iloc[-3:]]
-    return root / "mixed150", [cell_formula(s.composition) for s in last]
+    reduced = [s.composition.get_reduced_composition_and_factor() for s in last]
+    return root / "mixed150", [(comp.reduced_formula, int(z)) for comp, z in reduced]
 
 
 def run_one(spec: dict) -> dict:
@@ -98,8 +98,8 @@ def run_one(spec: dict) -> dict:
     model = load_family_model(run / "ckpt" / "best.pt")
     knobs = resolve_knobs(type(model), {"temperature": 0.8, "top_k": 10, "max_new_tokens": 600})
     valid, hits, n = 0.0, 0.0, 0
-    for i, formula in enumerate(spec["prompts"]):
-        (prompt,) = build_prompts(formula)
+    for i, (formula, z) in enumerate(spec["prompts"]):
+        (prompt,) = build_prompts(formula, z)
         out = write_sample_set(model, prompt, run / "samples" / f"p{i}", n=spec["n"], knobs=knobs, seed=1,
                                batch_size=spec["n"], evaluate=True, progress=None)
         summary = json.loads((out / "eval_summary.json").read_text())
@@ -121,13 +121,15 @@ def main() -> int:
     p.add_argument("--n", type=int, default=6, help="samples per prompt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default="nacl10,mixed150", help="comma-separated: nacl10, mixed150")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks = {"nacl10": _nacl10(args.out), "mixed150": _mixed150(args.out, args.mp20, args.seed)}
+    make = {"nacl10": lambda: _nacl10(args.out), "mixed150": lambda: _mixed150(args.out, args.mp20, args.seed)}
+    tasks = {t: make[t]() for t in args.tasks.split(",")}
     results = []
     for task, (dataset, prompts) in tasks.items():
         for mode in ("full", "lora"):
@@ -142,7 +144,7 @@ def main() -> int:
                 return 1
             results.append(json.loads(line[len("RESULT "):]))
             print(json.dumps(results[-1]), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"results_{'_'.join(tasks)}.json").write_text(json.dumps(results, indent=2))
     cols = list(results[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
