@@ -187,3 +187,11 @@ def test_merge_lora_equals_the_adapted_forward():
         after = merge_lora(model)(idx)[0]
     assert torch.allclose(before, after, atol=1e-5)
     assert set(model.state_dict()) == set(GPT(model.config).state_dict())
+
+
+def test_fine_tuning_from_an_adapter_checkpoint_says_merge_first(lora_run):
+    from engine.train.objectives import build_gpt
+
+    _, run = lora_run
+    with pytest.raises(ConfigError, match=r"LoRA adapter checkpoint, not a whole model; merge it first"):
+        build_gpt(None, load_checkpoint(run / "ckpt" / "last.pt"), print)
