@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "csp": ("engine.evaluate.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),
     "hull": ("engine.evaluate.hull", "build, import and inspect reference convex hulls for E_hull"),
     "stability": ("engine.evaluate.stability", "relax structures with an ML potential; E_hull against a hull"),
+    "ipt": ("engine.evaluate.ipt", "translation-invariance probe (IPT) of checkpoints on held-out structures"),
     "sweep": ("engine.evaluate.sweeps", "sample and evaluate checkpoints x prompts x sampling settings; resumable"),
     "dashboard": ("engine.app.dashboard", "start the Streamlit lab (127.0.0.1:8501 by default)"),
 }

@@ -14,6 +14,7 @@ import streamlit as st
 from engine.app import dashboard
 from engine.crystal import analysis
 from engine.evaluate import report, tables
+from engine.evaluate.ipt import ipt_table
 from engine.evaluate.sweep_config import config_from_dict, dump_sweep_config
 from engine.lab import jobs
 from engine.lab.errors import InputError
@@ -195,6 +196,14 @@ e1.download_button("Table (CSV)", rows.to_csv(index=False), "comparison.csv", mi
                    key="compare_csv", icon=":material/download:")
 e2.download_button("Report (markdown)", md, "comparison.md", mime="text/markdown", key="compare_md",
                    icon=":material/download:")
+
+# --- translation invariance (issue 16): summaries `crystallab ipt` wrote under <runs>/ipt/ ----------------------
+ipt = ipt_table(s.runs_dir / "ipt")
+if not ipt.empty:
+    st.subheader("Translation invariance (IPT)")
+    st.dataframe(ipt, hide_index=True, key="compare_ipt")
+    st.caption("IPT = mean minus lowest perplexity over random fractional translations of held-out structures "
+               "(0: the model ignores where the atoms sit); written by `crystallab ipt`.")
 
 # --- stability and distribution (issue 13) ---------------------------------------------------------------------
 with st.expander("In the shape of the published tables (CDVAE / Gruver, MatterGen)"):

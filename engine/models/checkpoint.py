@@ -127,6 +127,7 @@ def save_checkpoint(
     config: dict[str, Any],
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint atomically in CrystaLLM's layout plus crystallab provenance.
 
@@ -140,6 +141,8 @@ def save_checkpoint(
         meta: Provenance: ``run``, ``step``, ``data_fingerprint``, ``parent`` (others are kept too).
             ``vocab_fingerprint``, ``created_at`` and ``version`` are filled in here.
         extra: Further top-level keys for resuming (scaler, tracker, rng state ...).
+        weights: What ``model`` stores instead of its whole state dict (a LoRA run: its adapter weights, with
+            ``meta["lora"]`` naming the base checkpoint).
 
     Returns:
         The path written.
@@ -158,7 +161,7 @@ def save_checkpoint(
     if model_args is None:
         raise TypeError(f"save_checkpoint needs a GPT model, got {type(bare).__name__}")
     provenance = {"run": None, "step": int(iter_num), "data_fingerprint": None, "parent": None, **meta}
-    weights = bare.state_dict()
+    weights = bare.state_dict() if weights is None else weights
     provenance.update(
         weights_sha256=weights_sha256(weights),
         vocab_fingerprint=vocab_fingerprint(),
@@ -396,6 +399,22 @@ def _shape_problem(path: Path, model_args: dict[str, Any], state: dict[str, torc
     return None
 
 
+def _structure_problem(path: Path, model_args: dict[str, Any], state: dict[str, torch.Tensor],
+                       meta: dict[str, Any]) -> str | None:
+    """`_shape_problem` for a whole model; for a LoRA adapter checkpoint (``meta["lora"]``), that it holds only
+    adapter weights and names its base (the adapter's fit is checked when it is applied to the base)."""
+    lora = meta.get("lora")
+    if not lora:
+        return _shape_problem(path, model_args, state)
+    base = lora.get("base") if isinstance(lora, dict) else None
+    if not isinstance(base, dict) or not base.get("path") or not base.get("sha256"):
+        return f"{path} is a LoRA adapter checkpoint without the path and sha256 of its base; it cannot be used"
+    foreign = sorted(k for k in state if ".lora_" not in k)
+    if foreign:
+        return f"{path} is a LoRA adapter checkpoint but holds non-adapter weights ({', '.join(foreign[:3])})"
+    return None
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: Any = "cpu", *, check: bool = True, mmap: bool = False
 ) -> Checkpoint:
@@ -423,7 +442,7 @@ def _to_checkpoint(path: Path, raw: dict[str, Any], check: bool) -> Checkpoint:
     meta = dict(raw.get(META_KEY) or {})
     state = _clean_state_dict(raw["model"])
     if check:
-        problem = (vocab_problem(path, model_args, meta) or _shape_problem(path, model_args, state)
+        problem = (vocab_problem(path, model_args, meta) or _structure_problem(path, model_args, state, meta)
                    or weights_problem(path, state, meta))
         if problem:
             raise CheckpointError(problem)
@@ -471,8 +490,13 @@ def load_model(
     # Memory-mapped: of a CrystaLLM small ckpt.pt (311 MB) only the ~100 MB of weights are ever read.
     ckpt = load_checkpoint(path, mmap=True)
     require_gpt(ckpt, Path(path))
-    model = GPT(ckpt.model_config)
-    model.load_state_dict(ckpt.state_dict, strict=True)
+    if ckpt.meta.get("lora"):  # adapter weights only: load the recorded base, check its sha256, apply the adapter
+        from engine.models.lora_checkpoint import build_adapted
+
+        model = build_adapted(ckpt)
+    else:
+        model = GPT(ckpt.model_config)
+        model.load_state_dict(ckpt.state_dict, strict=True)
     ckpt.state_dict = {}  # the weights live in the model now; do not hold a second copy
     model.to(device=device, dtype=dtype)
     return model.eval(), ckpt
@@ -532,7 +556,8 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     raw = _read(path, "cpu", mmap=True)  # memory-mapped: describing a 300 MB file reads little of it
     ckpt = _to_checkpoint(path, raw, check=False)
     vocab = vocab_problem(path, ckpt.model_args, ckpt.meta)
-    problem = vocab or _shape_problem(path, ckpt.model_args, ckpt.state_dict) or _cached_weights_problem(path, ckpt)
+    problem = (vocab or _structure_problem(path, ckpt.model_args, ckpt.state_dict, ckpt.meta)
+               or _cached_weights_problem(path, ckpt))
     # lm_head.weight is the tied wte.weight, so it is not counted twice
     n_params = sum(t.numel() for k, t in ckpt.state_dict.items() if k != "lm_head.weight")
     return {
@@ -553,6 +578,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         "data_fingerprint": ckpt.meta.get("data_fingerprint"),
         "created_at": ckpt.meta.get("created_at"),
         "version": ckpt.meta.get("version"),
+        "lora": ckpt.meta.get("lora"),
     }
 
 
@@ -577,9 +603,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``crystallab ckpt inspect PATH``."""
+    """Register ``crystallab ckpt inspect PATH`` and ``crystallab ckpt merge ADAPTER --out PATH``."""
     ckpt = subparsers.add_parser("ckpt", help="inspect checkpoints")
     sub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
     p_inspect = sub.add_parser("inspect", help="print a checkpoint's identity, shape and provenance as JSON")
     p_inspect.add_argument("path", help="checkpoint file (.pt)")
     p_inspect.set_defaults(func=_cmd_inspect)
+    from engine.models.lora_checkpoint import add_merge_cli
+
+    add_merge_cli(sub)

@@ -187,6 +187,18 @@ class FamilyModel(ABC):
     def sequence_log_likelihood(self, texts: Sequence[str]) -> list[SequenceScore]:
         """Log-likelihood of each text (in the family's text format) under the model."""
 
+    def structure_text(self, structure: Any) -> str:
+        """A pymatgen structure written as this family's training texts are (what `sequence_log_likelihood`
+        scores; the IPT probe scores translated copies of a structure this way). Default: CrystaLLM's canonical
+        CIF, as the model reads it; a family with another text format overrides this.
+
+        Raises:
+            InputError: the structure cannot be written in this format (disordered, unknown element, too large).
+        """
+        from engine.crystal.canonical import structure_to_model_view
+
+        return structure_to_model_view(structure)
+
     @abstractmethod
     def training_loss(self, batch: Any) -> Any:
         """The family's training objective on one batch (a scalar tensor with gradients)."""

@@ -124,6 +124,15 @@ class TrainConfig:
     """Freeze token and position embeddings (the token table is tied to the output layer, so it freezes too)."""
     train_last_n_layers: int | None = None
     """Train only the last N transformer blocks and the final LayerNorm; everything before is frozen."""
+    lora_rank: int | None = None
+    """LoRA adapter rank (through peft, `engine.train.lora`); null trains the weights themselves. Needs a base:
+    init_from finetune (or resume of a LoRA run). Checkpoints then hold only the adapters and the base's path+sha256."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: an adapter's update B @ A is multiplied by lora_alpha / lora_rank (Gruver et al.: 32)."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapters' inputs during training, in [0, 1)."""
+    lora_targets: str = "c_attn,c_proj,c_fc"
+    """Comma-separated names of the modules that get adapters (default: the GPT's attention and MLP projections)."""
 
     # --- optimizer and schedule ---
     learning_rate: float = 1e-3
@@ -404,6 +413,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
             f"{source}: unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
             "the keys are listed in engine/train/config.py (TrainConfig)"
         )
+    if isinstance(raw.get("lora_targets"), (list, tuple)):  # a YAML list of names, in a flat config
+        raw = {**raw, "lora_targets": ",".join(map(str, raw["lora_targets"]))}
     values = {k: _coerce(k, v, hints[k]) for k, v in raw.items()}
     if "dtype" in values:
         values["dtype"] = _DTYPE_ALIASES.get(values["dtype"].lower(), values["dtype"].lower())
@@ -546,6 +557,18 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
         _check(not c.freeze_embeddings and c.train_last_n_layers is None,
                "freeze_embeddings / train_last_n_layers only make sense when fine-tuning (init_from: finetune)",
                source)
+    if c.lora_rank is not None:
+        from engine.train.lora import settings_problem
+
+        problem = settings_problem(c.lora_rank, c.lora_alpha, c.lora_dropout, lora_target_names(c))
+        _check(problem is None, str(problem), source)
+        _check(c.objective == "next-token",
+               f"lora_rank adapts the GPT's next-token objective, not objective {c.objective}; for hf-causal-lm set "
+               "hf_lora_rank, and a masked-diffusion model is fine-tuned whole", source)
+        _check(c.init_from != "scratch", "LoRA adapts a trained model: set init_from: finetune and init_ckpt (the "
+               "base), or remove lora_rank to train a new model", source)
+        _check(not c.freeze_embeddings and c.train_last_n_layers is None,
+               "freeze_embeddings / train_last_n_layers do not combine with LoRA (only the adapters train)", source)
     for key in ARCH_KEYS:
         value = getattr(c, key)
         _check(value is None or value >= 1, f"{key} must be at least 1, got {value}", source)
@@ -600,6 +623,11 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
     _check(c.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (or bf16/fp16/fp32), got {c.dtype!r}",
            source)
     return config
+
+
+def lora_target_names(config: TrainConfig) -> list[str]:
+    """``lora_targets`` as a list of module names."""
+    return [t.strip() for t in config.lora_targets.split(",") if t.strip()]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -82,8 +82,12 @@ class Objective(ABC):
 
         path = ckpt_dir / f"{name}.pt"
         save_checkpoint(path, model=model, optimizer=optimizer, iter_num=step, best_val_loss=best_val_loss,
-                        config=config, meta=meta, extra=extra)
+                        config=config, meta=meta, extra=extra, weights=self.checkpoint_weights(model))
         return path
+
+    def checkpoint_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The weights a checkpoint stores; None: the whole state dict (LoRA stores only its adapters)."""
+        return None
 
     def describe(self) -> str:
         return self.name
@@ -106,6 +110,9 @@ def build_gpt(config: Any, ckpt: Any | None, info: Callable[..., None]) -> GPT:
     """A `GPT` shaped by ``config`` (new) or by ``ckpt`` (its weights loaded, the position table cropped to
     ``config.block_size`` when that is smaller)."""
     c = config
+    if ckpt is not None and ckpt.meta.get("lora"):
+        raise ConfigError(f"init_ckpt {ckpt.path} is a LoRA adapter checkpoint, not a whole model; merge it first "
+                          f"(crystallab ckpt merge {ckpt.path} --out merged.pt) and fine-tune from the merged file")
     if ckpt is None:
         return GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
                              bias=c.bias, dropout=c.dropout))
@@ -141,8 +148,14 @@ OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
 
 
 def objective_for(config: Any) -> Objective:
-    """The objective a config asks for (``objective`` key, default ``next-token``)."""
+    """The objective a config asks for (``objective`` key, default ``next-token``); with ``lora_rank`` set, it is
+    wrapped by `engine.train.lora.LoraObjective` (adapters on the network the objective builds)."""
     name = getattr(config, "objective", None) or "next-token"
     if name not in OBJECTIVES:
         raise ConfigError(f"objective {name!r} is unknown; choose one of {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](config)
+    objective = OBJECTIVES[name](config)
+    if getattr(config, "lora_rank", None) is not None:
+        from engine.train.lora import LoraObjective
+
+        objective = LoraObjective(objective, config)
+    return objective

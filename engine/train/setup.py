@@ -26,7 +26,8 @@ log = logging.getLogger("engine.train.trainer")
 
 # Keys a resumed run must share with the run it continues, or its batches and parameters would not line up.
 RESUME_IDENTITY_KEYS = ("dataset", "seed", "starts_only", *ARCH_KEYS, "bias", "batch_size",
-                        "gradient_accumulation_steps", "freeze_embeddings", "train_last_n_layers")
+                        "gradient_accumulation_steps", "freeze_embeddings", "train_last_n_layers",
+                        "lora_rank", "lora_alpha", "lora_targets")
 
 
 class StopFlag(Protocol):

@@ -150,3 +150,16 @@ def test_sets_with_equal_settings_are_told_apart_in_tables_and_distribution_plot
     sgs = charts["Detected space groups per compared set"]
     assert sorted(trace["name"] for trace in sgs["data"]) == [first.name, second.name]
     assert sgs["data"][0]["x"] == ["Fm-3m (225)"]  # space groups with their numbers
+
+
+def test_ipt_summaries_are_shown_per_checkpoint():
+    _run("old", "completed", 1_000_000)
+    _sweep("invalid", parsed=2, valid=0)
+    probe = get_settings().runs_dir / "ipt" / "p1"
+    probe.mkdir(parents=True)
+    (probe / "ipt_summary.json").write_text(json.dumps({"translations": 10, "seed": 0, "checkpoints": [
+        {"label": "old-best", "family": "crystallm-gpt", "n_structures": 30, "ipt_mean": 0.125, "ipt_median": 0.1,
+         "ppl_mean": 1.9}]}))
+    at = open_page("pages/compare.py")
+    (shown,) = [d.value for d in at.dataframe if "IPT mean" in d.value.columns]
+    assert list(shown["checkpoint"]) == ["old-best"] and shown["IPT mean"][0] == 0.125
