@@ -20,7 +20,7 @@ import argparse
 import csv
 import io
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,7 +48,8 @@ class Candidate:
         n_tokens: Tokens the score sums over.
         filter_reason: Why the chemistry filter drops it; None when it passes.
         original: Whether it is the hidden element itself.
-        cif: The canonical CIF of the substituted structure.
+        view: The model view of the substituted structure's canonical CIF (what the likelihood scorer reads).
+        structure: The substituted structure.
     """
 
     element: str
@@ -56,7 +57,18 @@ class Candidate:
     n_tokens: int
     filter_reason: str | None
     original: bool
-    cif: str
+    view: str
+    structure: Structure
+
+    @property
+    def cif(self) -> str:
+        """The substituted structure as a plain CIF (every site, P1), for the Structure page and stability."""
+        from pymatgen.io.cif import CifWriter
+
+        # Rebuilt from lattice, species and coordinates: the parsed input's site labels ("Na0") would name the
+        # old element.
+        s = self.structure
+        return str(CifWriter(Structure(s.lattice, s.species, s.frac_coords)))
 
 
 @dataclass
@@ -179,12 +191,14 @@ def rank_replacements(structure: Structure, element: str, model: Any, *, scorer:
         raise ConfigError(f"--filter {filter!r}: give one of {', '.join(FILTERS)}")
     screen = Screen(structure, element, filter)
     names = candidate_elements(structure, element)
-    cifs = {c: substitute(structure, element, c)[1] for c in names}
+    subs = {c: substitute(structure, element, c) for c in names}
+    views = {c: model_view(canonical) for c, (_, canonical) in subs.items()}
     if scorer == "diffusion":
         scores = diffusion_scores(model, mask, names)
     else:
-        scores = likelihood_scores(model, {c: model_view(cif) for c, cif in cifs.items()})
-    candidates = [Candidate(c, scores[c][0], scores[c][1], screen.reason(c), c == element, cifs[c]) for c in names]
+        scores = likelihood_scores(model, views)
+    candidates = [Candidate(c, scores[c][0], scores[c][1], screen.reason(c), c == element, views[c], subs[c][0])
+                  for c in names]
     candidates.sort(key=lambda c: (c.filter_reason is not None, -c.score, c.element))
     return InfillResult(element, scorer, filter, structure.composition.formula.replace(" ", ""),
                         masked_text(mask.cif.ids, mask.positions), mask.region_counts(), candidates)
@@ -287,7 +301,8 @@ def write_infill(result: InfillResult, out: Path, top: int, inputs: Mapping[str,
         "element": result.element, "scorer": result.scorer, "filter": result.filter, "formula": result.formula,
         "masked_regions": result.regions, "masked_text": result.masked_text,
         "rank_of_original": result.rank_of(result.element),
-        "ranking": [{k: v for k, v in asdict(c).items() if k != "cif"} for c in result.kept[:top]],
+        "ranking": [{"element": c.element, "score": c.score, "n_tokens": c.n_tokens, "original": c.original}
+                    for c in result.kept[:top]],
         "cifs": written,
     }
     paths["json"] = atomic_write_json(out / "infill.json", record)
