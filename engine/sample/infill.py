@@ -82,6 +82,8 @@ class InfillResult:
     masked_text: str
     regions: dict[str, int]
     candidates: list[Candidate] = field(default_factory=list)
+    unwritable: dict[str, str] = field(default_factory=dict)
+    """Candidates left out because the substituted structure has no canonical CIF, with the reason."""
 
     @property
     def kept(self) -> list[Candidate]:
@@ -191,7 +193,13 @@ def rank_replacements(structure: Structure, element: str, model: Any, *, scorer:
         raise ConfigError(f"--filter {filter!r}: give one of {', '.join(FILTERS)}")
     screen = Screen(structure, element, filter)
     names = candidate_elements(structure, element)
-    subs = {c: substitute(structure, element, c) for c in names}
+    subs, unwritable = {}, {}
+    for c in names:
+        try:
+            subs[c] = substitute(structure, element, c)
+        except InputError as exc:  # e.g. CifWriter writes Z 0 for some compositions: no canonical CIF exists
+            unwritable[c] = str(exc)
+    names = [c for c in names if c in subs]
     views = {c: model_view(canonical) for c, (_, canonical) in subs.items()}
     if scorer == "diffusion":
         scores = diffusion_scores(model, mask, names)
@@ -201,7 +209,7 @@ def rank_replacements(structure: Structure, element: str, model: Any, *, scorer:
                   for c in names]
     candidates.sort(key=lambda c: (c.filter_reason is not None, -c.score, c.element))
     return InfillResult(element, scorer, filter, structure.composition.formula.replace(" ", ""),
-                        masked_text(mask.cif.ids, mask.positions), mask.region_counts(), candidates)
+                        masked_text(mask.cif.ids, mask.positions), mask.region_counts(), candidates, unwritable)
 
 
 # ---- span infill --------------------------------------------------------------------------------------------------
@@ -304,6 +312,7 @@ def write_infill(result: InfillResult, out: Path, top: int, inputs: Mapping[str,
         "ranking": [{"element": c.element, "score": c.score, "n_tokens": c.n_tokens, "original": c.original}
                     for c in result.kept[:top]],
         "cifs": written,
+        "left_out": result.unwritable,
     }
     paths["json"] = atomic_write_json(out / "infill.json", record)
     return paths
@@ -356,7 +365,8 @@ def _cmd_infill(args: argparse.Namespace) -> int:
         paths = write_infill(result, out, args.top, inputs)
         print(f"{result.formula}: {args.mask} hidden at {sum(result.regions.values())} places "
               f"({', '.join(f'{k} {v}' for k, v in result.regions.items())}); scorer {result.scorer}, "
-              f"filter {result.filter}, {len(result.kept)} of {len(result.candidates)} candidates kept")
+              f"filter {result.filter}, {len(result.kept)} of {len(result.candidates)} candidates kept"
+              + (f"; left out (no canonical CIF): {', '.join(result.unwritable)}" if result.unwritable else ""))
         print(table_text(result, args.top))
         print(f"wrote {paths['csv']}, {paths['json']} and {out / 'cifs'}")
         return 0
