@@ -22,6 +22,7 @@ PAGES = [
     st.Page("pages/compare.py", title="Compare", url_path="compare"),
     st.Page("pages/csp.py", title="Structure prediction", url_path="csp"),
     st.Page("pages/structure.py", title="Structure", url_path="structure"),
+    st.Page("pages/infill.py", title="Infill", url_path="infill"),
 ]
 
 page = st.navigation(PAGES)

@@ -86,36 +86,49 @@ class CrystaLLMGPT(FamilyModel):
         return k
 
     @torch.inference_mode()
-    def sequence_log_likelihood(self, texts: Sequence[str]) -> list[SequenceScore]:
+    def sequence_log_likelihood(self, texts: Sequence[str], batch_size: int = 32) -> list[SequenceScore]:
         """Sum of next-token log-probabilities of each text (its first token conditions the rest).
 
         Texts longer than the context are scored with a sliding window: each token is scored once, with at least
-        half a context of history.
+        half a context of history. Texts of equal token length share their windows and are scored together, up
+        to ``batch_size`` at a time (infill ranks dozens of same-length rewrites of one CIF).
         """
         was_training = self.network.training
         self.network.eval()
         try:
-            return [self._score(encode(t)) for t in texts]
+            encoded = [encode(t) for t in texts]
+            out: list[SequenceScore | None] = [None] * len(texts)
+            by_length: dict[int, list[int]] = {}
+            for i, ids in enumerate(encoded):
+                by_length.setdefault(len(ids), []).append(i)
+            for members in by_length.values():
+                for a in range(0, len(members), batch_size):
+                    chunk = members[a:a + batch_size]
+                    for i, score in zip(chunk, self._score([encoded[i] for i in chunk])):
+                        out[i] = score
+            return out
         finally:
             self.network.train(was_training)
 
-    def _score(self, ids: list[int]) -> SequenceScore:
-        if len(ids) < 2:
-            return SequenceScore(0.0, 0)
+    def _score(self, batch: list[list[int]]) -> list[SequenceScore]:
+        """Scores of texts of one token length, computed together."""
+        n = len(batch[0])
+        if n < 2:
+            return [SequenceScore(0.0, 0) for _ in batch]
         block = self.block_size
-        seq = torch.tensor(ids, dtype=torch.long, device=self._device)
-        total, scored, start = 0.0, 1, 0  # `scored`: targets up to this position are already counted
-        while scored < len(ids):
-            window = seq[start : start + block + 1]  # (<= block + 1,)
-            logits, _ = self.network(window[None, :-1])  # (1, T, V)
-            logp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, V)
-            targets = window[1:]  # (T,)
-            picked = logp.gather(-1, targets[:, None])[:, 0]  # (T,)
+        seq = torch.tensor(batch, dtype=torch.long, device=self._device)  # (B, n)
+        total = torch.zeros(len(batch), dtype=torch.float64, device=self._device)  # (B,)
+        scored, start = 1, 0  # `scored`: targets up to this position are already counted
+        while scored < n:
+            window = seq[:, start : start + block + 1]  # (B, <= block + 1)
+            logits, _ = self.network(window[:, :-1])  # (B, T, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            picked = logp.gather(-1, window[:, 1:, None])[..., 0]  # (B, T)
             first = scored - (start + 1)  # skip targets an earlier window scored
-            total += float(picked[first:].sum())
-            scored = start + len(window)
+            total += picked[:, first:].double().sum(dim=1)
+            scored = start + window.shape[1]
             start = max(start + 1, scored - 1 - block // 2)
-        return SequenceScore(total, len(ids) - 1)
+        return [SequenceScore(float(t), n - 1) for t in total.tolist()]
 
     def training_loss(self, batch: Any) -> torch.Tensor:
         """Mean next-token cross-entropy of ``batch = (x, y)``, LongTensors (B, T); ``y == -1`` is ignored."""
