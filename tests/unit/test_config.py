@@ -83,6 +83,8 @@ def test_min_lr_ratio_and_lr_decay_defaults(tmp_path):
         (["batch_size=0"], ["batch_size"]),
         (["noequals"], ["key=value"]),
         (["objective=contrastive"], ["objective", "next-token"]),
+        (["objective=masked-diffusion", "lora_rank=8", "init_from=finetune", "init_ckpt=x.pt"],
+         ["lora_rank", "masked-diffusion"]),
     ],
 )
 def test_bad_configs_are_refused_with_a_message_naming_the_key(overrides, words):
