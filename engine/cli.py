@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("engine.train.trainer", "train a model (scratch, fine-tune or resume)"),
     "sample": ("engine.sample.sample_sets", "sample CIFs from a checkpoint for a composition / space-group prompt"),
     "infill": ("engine.sample.infill", "rank replacements for a hidden element, or regenerate a site / the cell"),
+    "mcts": ("engine.sample.mcts", "scored decoding: Monte Carlo tree search rewarded by E_hull, energy or your scorer"),
     "postprocess": ("engine.crystal.postprocess", "post-process generated texts into CIFs"),
     "evaluate": ("engine.evaluate.evaluation", "check generated CIFs and compute set metrics"),
     "csp": ("engine.evaluate.csp", "crystal-structure-prediction benchmark: match rate and RMSE against known structures"),

@@ -17,7 +17,7 @@ from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
 from engine.models.family import knob_argv, knobs_text
-from pages import common, stability_panels
+from pages import common, mcts_panel, stability_panels
 
 st.title("Sample")
 
@@ -167,6 +167,10 @@ with st.expander("Generate", expanded=True):
                 else:
                     common.launch(argv, "sample", name, target=out)
                     st.session_state["sample_view"] = str(out)
+
+if card is not None:  # scored decoding (issue 17): the same checkpoint and prompt, searched with a scorer
+    with st.expander("Scored decoding (MCTS)", expanded=common.current_job(mcts_panel.KIND) is not None):
+        mcts_panel.search(ckpt, formula, z, sg, key="sample_mcts")
 
 job = common.current_job("sample")
 if job is not None and jobs.job_state(job)["state"] == "running":

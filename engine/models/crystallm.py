@@ -76,6 +76,48 @@ class CrystaLLMGPT(FamilyModel):
             device=self._device, progress=progress, first_index=first_index,
         )
 
+    # -- token-level decoding (the capability scored decoding, `engine.sample.mcts`, looks for) ---------------
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """The prompt's token ids."""
+        return encode(prompt.text)
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        """Text of token ids (prompt included)."""
+        from engine.crystal.tokenizer import decode
+
+        return decode(ids)
+
+    @torch.inference_mode()
+    def next_token_logits(self, ids: Sequence[int], prompt: Any, knobs: Mapping[str, Any]) -> torch.Tensor:
+        """Logits (V,) float32 on the CPU of the token after ``ids``, the grammar's forbidden tokens at -inf
+        (the constraints `generate` applies under the same knobs)."""
+        from engine.sample.sampler import grammar_mask
+
+        k = self.sampling_record(prompt, knobs)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            block = self.block_size
+            x = torch.tensor(list(ids)[-block:], dtype=torch.long, device=self._device)[None]  # (1, T)
+            logits = self.network(x)[0][:, -1].float()  # (1, V)
+        finally:
+            self.network.train(was_training)
+        masked = grammar_mask(list(ids), logits, k["allowed_elements"], k["constrain_spacegroup"])  # (1, V)
+        return masked[0].cpu()
+
+    def continue_ids(self, ids: Sequence[int], n: int, prompt: Any, knobs: Mapping[str, Any], *, seed: int,
+                     first_index: int, max_new_tokens: int) -> list[Generation]:
+        """``n`` continuations of ``ids`` decoded together (one prefill, KV cache), sample ``i`` drawn from the
+        random stream ``first_index + i`` of ``seed``; at most ``max_new_tokens`` new tokens each."""
+        from engine.sample.sampler import generate
+
+        k = self.sampling_record(prompt, knobs)
+        return generate(
+            self.network, list(ids), n=n, temperature=k["temperature"], top_k=k["top_k"], top_p=k["top_p"],
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=n, allowed_elements=k["allowed_elements"],
+            constrain_spacegroup=k["constrain_spacegroup"], device=self._device, first_index=first_index,
+        )
+
     def sampling_record(self, prompt: Any, knobs: Mapping[str, Any]) -> dict[str, Any]:
         """The knobs, and what the decoder applies: allowed elements (the prompt's, when constrained), the
         space-group constraint and the KV cache."""

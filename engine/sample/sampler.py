@@ -127,6 +127,18 @@ class _Constraints:
         self.kind, self.length, self.prev = self.kind[idx], self.length[idx], self.prev[idx]
 
 
+def grammar_mask(prefix_ids: list[int], logits: torch.Tensor, allowed_elements: Iterable[str] | None,
+                 constrain_spacegroup: bool) -> torch.Tensor:
+    """``logits`` (B, V) of the token after ``prefix_ids`` with the tokens the constraints forbid set to -inf.
+
+    The same rules `generate` applies per step (element tokens outside ``allowed_elements`` where the grammar
+    expects an element; only space-group tokens after the H-M tag), for callers that pick tokens themselves
+    (scored decoding's tree expansion, `engine.sample.mcts`).
+    """
+    constraints = _Constraints(prefix_ids, logits.shape[0], allowed_elements, constrain_spacegroup, logits.device)
+    return constraints.apply(logits) if constraints.active else logits
+
+
 def _draw(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Pick one token per row: greedy when ``temperature == 0``, else top-k/top-p sampling.
 
