@@ -77,6 +77,20 @@ class TrainConfig:
     objective: str = "next-token"
     """What is optimised (`engine.train.objectives.OBJECTIVES`): ``next-token`` is CrystaLLM's GPT objective."""
 
+    # --- distillation (objective: distill; engine.train.distill) ---
+    teacher_ckpt: str | None = None
+    """Teacher checkpoint to distil from (relative: under ``runs/``); only read. Same vocabulary as the student."""
+    kd_kind: str = "forward"
+    """``forward`` KL(teacher || student) (Hinton) or ``reverse`` KL(student || teacher) (MiniLLM-style)."""
+    kd_temperature: float = 2.0
+    """Softmax temperature T of both models in the KD term (scaled by T^2); 1-2 suits small LMs."""
+    kd_alpha: float = 0.5
+    """Weight of the data cross-entropy: loss = a * CE + (1 - a) * T^2 * KL; 1 = no distillation, 0 = pure KD."""
+    kd_topk: int = 16
+    """On CPU: cache the teacher's top-k logits per position on disk (0: run the teacher on every batch)."""
+    kd_cache_dir: str | None = None
+    """Folder for the top-k cache (default ``<runs>/cache/distill/<teacher+data+window key>``)."""
+
     # --- model (scratch: from ``preset``, then these keys; finetune/resume: from the checkpoint) ---
     preset: str | None = None
     """Model shape preset of ``engine.models.gpt.PRESETS`` (tiny, small, medium, large); default small for scratch."""
@@ -490,6 +504,10 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
 
     _check(c.objective in OBJECTIVES,
            f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {c.objective!r}", source)
+    if c.objective == "distill" or c.teacher_ckpt is not None:
+        from engine.train.distill import check_distill_config
+
+        check_distill_config(c, source)
     _check(c.init_from in INIT_MODES, f"init_from must be one of {', '.join(INIT_MODES)}, got {c.init_from!r}", source)
     _check(_NAME_RE.match(c.name) is not None,
            f"name {c.name!r} may only hold letters, digits, '.', '_' and '-' (it names a folder)", source)

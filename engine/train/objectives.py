@@ -86,8 +86,15 @@ def build_gpt(config: Any, ckpt: Any | None, info: Callable[..., None]) -> GPT:
     return model
 
 
+def _distill(config: Any) -> Objective:
+    from engine.train.distill import DistillObjective  # late: it imports this module
+
+    return DistillObjective(config)
+
+
 # Objectives by the config's ``objective`` key; later stages register theirs here (masked diffusion, ...).
-OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"next-token": lambda config: NextTokenObjective()}
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"next-token": lambda config: NextTokenObjective(),
+                                                     "distill": _distill}
 
 
 def objective_for(config: Any) -> Objective:
