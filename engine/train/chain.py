@@ -120,7 +120,7 @@ def stage_configs(chain: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _train_stage(config: Any, run: Path, progress: bool, say: Any) -> None:
+def _train_stage(config: Any, run: Path, progress: bool, say: Any, stop_event: Any = None) -> None:
     """Train ``config`` into ``run``: skip when completed, resume when interrupted, start otherwise."""
     from engine.lab.runs import RunFolder
     from engine.train.trainer import train
@@ -134,15 +134,19 @@ def _train_stage(config: Any, run: Path, progress: bool, say: Any) -> None:
         config = replace(config, init_from="resume")
     else:
         say(f"{run.name}: training")
-    train(config, run_dir=run, progress=progress)
+    train(config, run_dir=run, progress=progress, stop_event=stop_event)
     final = RunFolder(run).read_status().get("state")
     if final != "completed":
         raise ConfigError(f"stage {run.name} ended {final}; rerun `crystallab distill chain` to continue it")
 
 
 def run_chain(path: str | Path, *, out: str | Path | None = None, progress: bool = True, report: bool = True,
-              say: Any = None) -> Path:
-    """Train every stage (and baseline) of the chain in ``path``, then write its report; return the folder."""
+              say: Any = None, stop_event: Any = None) -> Path:
+    """Train every stage (and baseline) of the chain in ``path``, then write its report; return the folder.
+
+    ``stop_event`` (anything with ``is_set()``) stops the running stage as a ``STOP`` file would; the chain then
+    raises, and the same call later resumes that stage.
+    """
     from engine.crystal.prompts import Prompt
     from engine.lab.fsutil import read_json
     from engine.train.distill_report import distill_report, write_report
@@ -166,9 +170,9 @@ def run_chain(path: str | Path, *, out: str | Path | None = None, progress: bool
                           "another --out or name for a different chain")
     atomic_write_json(folder / "chain.json", record)
     for s in stages:
-        _train_stage(s["config"], s["run"], progress, say)
+        _train_stage(s["config"], s["run"], progress, say, stop_event)
         if chain["baseline"]:
-            _train_stage(s["baseline"], s["baseline_run"], progress, say)
+            _train_stage(s["baseline"], s["baseline_run"], progress, say, stop_event)
     if report:
         say("measuring the report (sampling and timing every model)")
         result = distill_report(
