@@ -199,3 +199,14 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(nacl, teacher, tm
     assert said == ["a: resuming from its ckpt/last.pt"]
     assert json.loads(status.read_text())["state"] == "completed"
     assert json.loads(status.read_text())["step"] == 6
+
+
+def test_every_shipped_chain_config_loads():
+    from engine.train.chain import load_chain
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("distill_*.yaml"))
+    assert configs
+    for path in configs:
+        chain = load_chain(path)
+        assert chain["stages"] and chain["report"]["n"] >= 200
+        load_config(None, [f"{k}={v}" for k, v in chain["train"].items()])  # the shared keys are training keys
