@@ -296,7 +296,8 @@ class DistillObjective(Objective):
 
             c = self.config
             key = cache_key(self.teacher_sha or "", self.data_fingerprint or "", window, c.kd_topk)
-            root = Path(c.kd_cache_dir).expanduser() if c.kd_cache_dir else get_settings().runs_dir / "cache" / "distill"
+            root = (Path(c.kd_cache_dir).expanduser() if c.kd_cache_dir
+                    else get_settings().runs_dir / "cache" / "distill")
             self.cache = TopKCache(root / key, c.kd_topk)
         return self.cache
 

@@ -146,7 +146,8 @@ def build_seq_dataset(teacher: str | Path, prompts: Sequence[Any], n: int, out: 
         "dropped": dict(sorted(dropped.items())),
         "mixed_with": list(mix),
         "sample_sets": str(work),
-        "dataset_stats": {k: stats.get(k) for k in ("train_cifs", "val_cifs", "train_tokens", "val_tokens") if k in stats},
+        "dataset_stats": {k: stats[k] for k in ("train_cifs", "val_cifs", "train_tokens", "val_tokens")
+                          if k in stats},
     }
     atomic_write_json(out_dir / SEQDATA_FILE, record)
     return record
