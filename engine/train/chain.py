@@ -175,6 +175,11 @@ def run_chain(path: str | Path, *, out: str | Path | None = None, progress: bool
             _train_stage(s["baseline"], s["baseline_run"], progress, say, stop_event)
     if report:
         say("measuring the report (sampling and timing every model)")
+        threads = stages[0]["config"].cpu_threads
+        if threads is not None:  # as the stages trained: on a busy CPU, extra threads only fight each other
+            import torch
+
+            torch.set_num_threads(threads)
         result = distill_report(
             stages[0]["parent_ckpt"],
             [{"name": s["name"], "path": s["run"] / "ckpt" / "best.pt", "parent": s["parent"],

@@ -80,9 +80,10 @@ def sample_quality(path: str | Path, prompts: Sequence[Any], out: Path, *, n: in
                          progress=None)
         m = read_json(set_dir / "eval_summary.json") or {}
         per_prompt[prompt.label] = {name: (m.get(name) or {}).get("value") for name in
-                                    ("n", "validity", "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate")}
+                                    ("n", "parse_rate", "validity", "uniqueness_valid", "formula_hit_rate",
+                                     "spacegroup_hit_rate")}
     mean = {}
-    for name in ("validity", "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate"):
+    for name in ("parse_rate", "validity", "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate"):
         values = [v[name] for v in per_prompt.values() if v[name] is not None]
         mean[name] = float(np.mean(values)) if values else None
     return {"per_prompt": per_prompt, **mean}
@@ -167,7 +168,7 @@ def distill_report(teacher: str | Path, students: Sequence[Mapping[str, Any]], *
         m["gap_closed"] = None if gap is None else round(gap, 3)
         tv, sv = (t.get("sampling") or {}).get("validity"), (m.get("sampling") or {}).get("validity")
         m["validity_retention"] = round(sv / tv, 3) if tv and sv is not None else None
-        m["target"] = _verdict(m, retention_target, speedup_target, f"b{speed_batch}")
+        m["target"] = _verdict(m, retention_target, speedup_target, f"b{speed_batch}", tv)
     return {
         "teacher": str(teacher), "dataset": str(dataset), "n_per_prompt": n, "seed": seed,
         "prompts": [p.to_dict() for p in prompts], "knobs": dict(knobs or {}), "speed_batch": speed_batch,
@@ -177,8 +178,10 @@ def distill_report(teacher: str | Path, students: Sequence[Mapping[str, Any]], *
     }
 
 
-def _verdict(m: Mapping[str, Any], retention: float, speedup: float, key: str) -> str:
+def _verdict(m: Mapping[str, Any], retention: float, speedup: float, key: str, teacher_validity: Any) -> str:
     fast, kept = (m.get("speedup") or {}).get(key), m.get("validity_retention")
+    if fast is not None and teacher_validity == 0:
+        return f"not measurable: the teacher wrote no valid CIF; {fast:g}x faster"
     if fast is None or kept is None:
         return "not measured"
     if fast < speedup:
@@ -213,16 +216,18 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"Teacher `{report['teacher']}`; validation data `{report['dataset']}`; {report['n_per_prompt']} samples per "
         f"prompt ({', '.join(p.get('label') or p.get('text', '')[:20] for p in report['prompts'])}), seed "
         f"{report['seed']}, knobs {report['knobs'] or 'family defaults'}; machine: {report['machine']}.", "",
-        "| model | role | parent | params | MB | val loss | gap closed | validity | uniq. (valid) | formula hit | "
-        f"sg hit | tok/s b1 | tok/s b{report['speed_batch']} | CIFs/s b{report['speed_batch']} | speed-up b1 | "
-        f"speed-up b{report['speed_batch']} | target |",
-        "|" + "---|" * 17,
+        "| model | role | parent | params | MB | val loss | gap closed | parsed | validity | uniq. (valid) | "
+        f"formula hit | sg hit | tok/s b1 | tok/s b{report['speed_batch']} | CIFs/s b{report['speed_batch']} | "
+        f"speed-up b1 | speed-up b{report['speed_batch']} | target |",
+        "|" + "---|" * 18,
     ]
     for name, m in ordered_models(report):
         s, sp = m.get("sampling") or {}, m.get("speed") or {}
         lines.append("| " + " | ".join([
-            name, m["role"], m.get("parent") or m.get("of") or "-", _fmt(m["params"]), _fmt(m["size_mb"]),
-            _fmt(m["val_loss"]), _fmt(m.get("gap_closed")), _fmt(s.get("validity"), True),
+            name, m["role"], m.get("parent") or (f"(baseline of {m['of']})" if m.get("of") else "-"),
+            _fmt(m["params"]), _fmt(m["size_mb"]),
+            _fmt(m["val_loss"]), _fmt(m.get("gap_closed")), _fmt(s.get("parse_rate"), True),
+            _fmt(s.get("validity"), True),
             _fmt(s.get("uniqueness_valid"), True), _fmt(s.get("formula_hit_rate"), True),
             _fmt(s.get("spacegroup_hit_rate"), True), _fmt((sp.get("b1") or {}).get("tokens_per_s")),
             _fmt((sp.get(b) or {}).get("tokens_per_s")), _fmt((sp.get(b) or {}).get("cifs_per_s")),
@@ -230,7 +235,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             m.get("target") or "-",
         ]) + " |")
     lines += ["", "Definitions: val loss = next-token cross-entropy (nats/token) on fixed windows of the real "
-              "validation split; gap closed = (baseline - student) / (baseline - teacher) validation loss; validity "
+              "validation split; gap closed = (baseline - student) / (baseline - teacher) validation loss; parsed = "
+              "post-processed CIF parses into a structure / n; validity "
               "= CrystaLLM-valid / n, uniqueness = distinct valid structures / n (StructureMatcher defaults), hit "
               "rates = samples matching the prompt's composition / space group / n, averaged over prompts; speed = "
               "generated tokens/s and CIFs/s, every model timed in one process; speed-up = student / teacher "
