@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("engine.data.datasets", "build, import and inspect token datasets"),
     "ckpt": ("engine.models.checkpoint", "inspect checkpoints"),
     "train": ("engine.train.trainer", "train a model (scratch, fine-tune or resume)"),
+    "distill": ("engine.train.chain", "distil a teacher into smaller students: chains, sequence-level data, reports"),
     "sample": ("engine.sample.sample_sets", "sample CIFs from a checkpoint for a composition / space-group prompt"),
     "infill": ("engine.sample.infill", "rank replacements for a hidden element, or regenerate a site / the cell"),
     "mcts": ("engine.sample.mcts", "scored decoding: Monte Carlo tree search rewarded by E_hull, energy or your scorer"),

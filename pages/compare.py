@@ -20,6 +20,7 @@ from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
 from engine.lab.runs import read_status
+from engine.train import distill_report
 from engine.train.config import read_yaml_mapping
 from pages import common, stability_panels
 
@@ -131,6 +132,15 @@ if job is not None:
         status = (state.get("run_status") or {})
         done, total = status.get("cells_done") or 0, status.get("cells_total") or 0
         st.progress(done / total if total else 0.0, text=f"{done}/{total} cells")
+
+# --- distillation chains (engine/train/chain.py writes distill_report.json) ----------------------------------
+distill_reports = distill_report.find_reports(common.settings().runs_dir)
+if distill_reports:
+    with st.expander(f"Distillation reports ({len(distill_reports)})"):
+        pick = st.selectbox("Report", distill_reports, format_func=common.rel, key="compare_distill_pick")
+        st.table(distill_report.report_table(read_json(pick)).set_index("model"))
+        st.caption("Validation loss on the real validation data; gap closed = (baseline - student) / (baseline - "
+                   "teacher); rates under identical sampling; distill_report.md beside the json defines every column.")
 
 # --- what to compare -----------------------------------------------------------------------------------------
 mode = st.radio("Compare", ["A sweep", "Sample sets"], horizontal=True, key="compare_mode")

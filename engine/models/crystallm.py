@@ -172,6 +172,17 @@ class CrystaLLMGPT(FamilyModel):
             start = max(start + 1, scored - 1 - block // 2)
         return [SequenceScore(float(t), n - 1) for t in total.tolist()]
 
+    @torch.no_grad()
+    def token_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, 371) of token ids ``idx`` (B, T), float32, in eval mode (no dropout)."""
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            logits, _ = self.network(idx.to(self._device))  # (B, T, V)
+        finally:
+            self.network.train(was_training)
+        return logits.float()
+
     def training_loss(self, batch: Any) -> torch.Tensor:
         """Mean next-token cross-entropy of ``batch = (x, y)``, LongTensors (B, T); ``y == -1`` is ignored."""
         x, y = batch

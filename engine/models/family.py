@@ -207,6 +207,17 @@ class FamilyModel(ABC):
     def describe(self) -> dict[str, Any]:
         """Plain-data description: family, parameters, context length, vocabulary, provenance."""
 
+    def token_logits(self, idx: Any) -> Any:
+        """Next-token logits (B, T, vocab) for token ids ``idx`` (B, T), no gradients: what a distillation teacher
+        gives (`engine.train.distill`). Families whose outputs are not next-token logits over the lab's
+        vocabulary leave this out, and distillation refuses them in one line (`has_token_logits`)."""
+        raise NotImplementedError(f"the {self.family} family does not expose next-token logits")
+
+    @classmethod
+    def has_token_logits(cls) -> bool:
+        """Whether this family implements `token_logits` (and so can teach or be distilled into)."""
+        return cls.token_logits is not FamilyModel.token_logits
+
     @property
     def device(self) -> Any:
         """Where the model computes (a torch device or its name)."""

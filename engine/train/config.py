@@ -103,6 +103,20 @@ class TrainConfig:
     hf_quantize: int | None = None
     """Load the base model in 4 or 8 bits (QLoRA; needs bitsandbytes and a CUDA GPU); null: full precision."""
 
+    # --- distillation (objective: distill; engine.train.distill) ---
+    teacher_ckpt: str | None = None
+    """Teacher checkpoint to distil from (relative: under ``runs/``); only read. Same vocabulary as the student."""
+    kd_kind: str = "forward"
+    """``forward`` KL(teacher || student) (Hinton) or ``reverse`` KL(student || teacher) (MiniLLM-style)."""
+    kd_temperature: float = 2.0
+    """Softmax temperature T of both models in the KD term (scaled by T^2); 1-2 suits small LMs."""
+    kd_alpha: float = 0.5
+    """Weight of the data cross-entropy: loss = a * CE + (1 - a) * T^2 * KL; 1 = no distillation, 0 = pure KD."""
+    kd_topk: int = 16
+    """On CPU: cache the teacher's top-k logits per position on disk (0: run the teacher on every batch)."""
+    kd_cache_dir: str | None = None
+    """Folder for the top-k cache (default ``<runs>/cache/distill/<teacher+data+window key>``)."""
+
     # --- model (scratch: from ``preset``, then these keys; finetune/resume: from the checkpoint) ---
     preset: str | None = None
     """Model shape preset of ``engine.models.gpt.PRESETS`` (tiny, small, medium, large); default small for scratch."""
@@ -535,6 +549,10 @@ def validate(config: TrainConfig, source: str = "config") -> TrainConfig:
            f"diffusion_anneal_steps must be >= 0 (0: bidirectional at once), got {c.diffusion_anneal_steps}", source)
     for key in ("diffusion_random_length", "diffusion_prompt_dropout"):
         _check(0.0 <= getattr(c, key) <= 1.0, f"{key} must be a fraction in [0, 1], got {getattr(c, key)}", source)
+    if c.objective == "distill" or c.teacher_ckpt is not None:
+        from engine.train.distill import check_distill_config
+
+        check_distill_config(c, source)
     _check(c.init_from in INIT_MODES, f"init_from must be one of {', '.join(INIT_MODES)}, got {c.init_from!r}", source)
     _check(_NAME_RE.match(c.name) is not None,
            f"name {c.name!r} may only hold letters, digits, '.', '_' and '-' (it names a folder)", source)

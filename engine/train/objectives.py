@@ -139,11 +139,18 @@ def _hf_objective(config: Any) -> Objective:
     return HFObjective(config)
 
 
+def _distill(config: Any) -> Objective:
+    from engine.train.distill import DistillObjective  # late: it imports this module
+
+    return DistillObjective(config)
+
+
 # Objectives by the config's ``objective`` key; later stages register theirs here.
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
     "next-token": lambda config: NextTokenObjective(),
     "masked-diffusion": _masked_diffusion,
     "hf-causal-lm": _hf_objective,
+    "distill": _distill,
 }
 
 

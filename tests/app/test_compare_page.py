@@ -163,3 +163,24 @@ def test_ipt_summaries_are_shown_per_checkpoint():
     at = open_page("pages/compare.py")
     (shown,) = [d.value for d in at.dataframe if "IPT mean" in d.value.columns]
     assert list(shown["checkpoint"]) == ["old-best"] and shown["IPT mean"][0] == 0.125
+
+
+def test_distillation_reports_under_runs_are_listed_with_their_table():
+    from engine.train.distill_report import write_report
+
+    model = {"params": 1000, "size_mb": 0.004, "val_loss": 0.5, "sampling": {"validity": 0.9},
+             "speed": {"b1": {"tokens_per_s": 100.0}, "b8": {"tokens_per_s": 800.0}}}
+    report = {"teacher": "t.pt", "dataset": "builtin", "n_per_prompt": 200, "seed": 1, "prompts": [{"label": "Na4Cl4"}],
+              "knobs": {}, "speed_batch": 8, "targets": {"speedup": 3.0, "validity_retention": 0.9},
+              "created_at": "2026-12-02T00:00:00+00:00", "machine": "test",
+              "models": {"teacher": {**model, "role": "teacher"},
+                         "student": {**model, "role": "student", "params": 250, "gap_closed": 0.4,
+                                     "speedup": {"b8": 3.5}, "target": "met: 3.5x faster"}}}
+    folder = get_settings().runs_dir / "distill" / "chainA"
+    folder.mkdir(parents=True)
+    write_report(report, folder)
+    at = open_page("pages/compare.py")
+    assert not at.exception
+    assert any("Distillation reports (1)" in e.label for e in at.expander)
+    table = at.table[0].value
+    assert list(table.index) == ["teacher", "student"] and table.loc["student", "gap closed"] == "0.4"

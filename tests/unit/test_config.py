@@ -20,7 +20,7 @@ from engine.train.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TRAIN_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep_", "sample_")))
+TRAIN_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep_", "sample_", "distill_")))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
