@@ -406,7 +406,7 @@ def add_cli(subparsers) -> None:
                    help="diffusion (masked model), likelihood (any model: log p of the rewritten CIF), auto")
     p.add_argument("--filter", choices=FILTERS, default="none",
                    help="drop candidates: oxidation (no charge-neutral smact states), radius (ionic radius off by "
-                   "more than 30 %%)")
+                   "more than 35 %%)")
     p.add_argument("--seed", type=int, default=1337, help="seed of span infill (default 1337)")
     p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampling knob of the masked model for span infill (repeatable)")
