@@ -100,9 +100,9 @@ def search(ckpt: Path, formula: str | None, z: int | None, sg: str | None, *, ke
         c = c4.number_input("Exploration c", 0.01, 100.0, d.c, key=f"{key}_c")
         c1, c2, c3, c4 = st.columns(4)
         width = c1.number_input("Tree width", 1, 100, d.tree_width, key=f"{key}_width")
-        temperature = c2.number_input("Temperature", 0.0, 10.0, 1.0, 0.05, key=f"{key}_temp")
-        max_tokens = c3.number_input("Max new tokens", 16, 20_000, 3000, key=f"{key}_max_tokens")
-        seed = c4.number_input("Seed", 0, 2**31 - 1, d.seed, key=f"{key}_seed")
+        temperature = c2.number_input("Rollout temperature", 0.0, 10.0, 1.0, 0.05, key=f"{key}_temp")
+        max_tokens = c3.number_input("Rollout max new tokens", 16, 20_000, 3000, key=f"{key}_max_tokens")
+        seed = c4.number_input("Search seed", 0, 2**31 - 1, d.seed, key=f"{key}_seed")
         default_name = f"mcts-{formula or 'unconditional'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         name = st.text_input("Search name", value=default_name, key=f"{key}_name")
         go_ = st.form_submit_button("Search", icon=":material/account_tree:", key=f"{key}_go")
