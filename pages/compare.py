@@ -20,8 +20,8 @@ from engine.lab import jobs
 from engine.lab.errors import InputError
 from engine.lab.fsutil import read_json
 from engine.lab.runs import read_status
+from engine.lab.yamlfiles import read_yaml_mapping
 from engine.train import distill_report
-from engine.train.config import read_yaml_mapping
 from pages import common, stability_panels
 
 st.title("Compare")

@@ -35,7 +35,7 @@ import yaml
 from engine.crystal.prompts import Prompt, build_prompts, parse_formula_spec
 from engine.lab.errors import ConfigError, InputError, PromptError
 from engine.lab.settings import get_settings
-from engine.train.config import parse_key_value, read_yaml_mapping
+from engine.lab.yamlfiles import parse_key_value, read_yaml_mapping
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -39,7 +39,7 @@ REPORT_KEYS = ("prompts", "n", "seed", "knobs", "speed_batch", "speed_rounds", "
 
 def load_chain(path: str | Path) -> dict[str, Any]:
     """Read and check a chain config (keys, stages) without training; one-line `ConfigError` otherwise."""
-    from engine.train.config import read_yaml_mapping
+    from engine.lab.yamlfiles import read_yaml_mapping
 
     raw = read_yaml_mapping(path, "chain config", "see configs/distill_demo_cpu.yaml")
     unknown = sorted(set(raw) - set(CHAIN_KEYS))
@@ -204,8 +204,8 @@ def _cmd_chain(args: argparse.Namespace) -> int:
 
 
 def _cmd_seqdata(args: argparse.Namespace) -> int:
+    from engine.lab.yamlfiles import parse_key_value
     from engine.models.checkpoint import cli_checkpoint_path
-    from engine.train.config import parse_key_value
     from engine.train.seqdistill import build_seq_dataset, parse_prompt_specs
 
     if args.n < 1:

@@ -9,13 +9,13 @@ import yaml
 
 from engine.lab.errors import ConfigError
 from engine.lab.settings import get_settings
+from engine.lab.yamlfiles import read_yaml_mapping
 from engine.train.config import (
     TrainConfig,
     dump_config,
     field_docs,
     load_config,
     parse_override,
-    read_yaml_mapping,
     resolve_run_dir,
 )
 
