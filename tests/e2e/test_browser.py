@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 from PIL import Image
+from playwright.sync_api import Error as PlaywrightError
 
 from engine.lab import jobs
 from engine.lab.settings import REPO_ROOT
@@ -115,8 +116,15 @@ def _sample_and_view(page, url: str, runs) -> None:
     # View opens the crystal where the user is looking: scroll to the gallery as a person does, click View,
     # and the dialog with the 3D view is on screen without scrolling.
     view = page.get_by_role("button", name="View").first
-    view.scroll_into_view_if_needed()
-    view.click()
+    for attempt in range(3):  # the live fragment may re-render the gallery between finding the button and scrolling
+        try:
+            view.scroll_into_view_if_needed()
+            view.click()
+            break
+        except PlaywrightError as exc:
+            if "not attached" not in str(exc) or attempt == 2:
+                raise
+            _idle(page)
     dialog = page.get_by_role("dialog")
     dialog.wait_for(timeout=30_000)
     from playwright.sync_api import expect
