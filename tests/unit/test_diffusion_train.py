@@ -31,12 +31,7 @@ TINY = ["n_layer=1", "n_head=2", "n_embd=32", "dropout=0.0", "batch_size=4", "ev
         "learning_rate=3e-3", "device=cpu", "dtype=float32", "objective=masked-diffusion"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ TINY = ["dropout=0.0", "batch_size=4", "eval_iters=2", "warmup_iters=2", "learni
         "dtype=float32", "block_size=64"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

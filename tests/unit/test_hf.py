@@ -21,13 +21,7 @@ from engine.sample.hf_logits import ElementConstraint
 from engine.train.config import load_config
 from engine.train.trainer import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
 
 from engine.cli import main
 from engine.crystal.prompts import build_prompts
-from engine.data.datasets import build_dataset
 from engine.lab.errors import CheckpointError, ConfigError
 from engine.models.checkpoint import checkpoint_info, load_checkpoint, load_model, save_checkpoint
 from engine.models.family import load_family_model
@@ -25,25 +23,7 @@ TINY = ["dropout=0.0", "batch_size=4", "eval_iters=2", "warmup_iters=2", "learni
         "dtype=float32", "cpu_threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def nacl10(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nacl10")
-    cifs = root / "cifs"
-    cifs.mkdir()
-    for k in range(10):
-        s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.50 + 0.03 * k), ["Na", "Cl"],
-                                      [[0, 0, 0], [0.5, 0.5, 0.5]])
-        s.to(filename=str(cifs / f"nacl_{k}.cif"))
-    build_dataset([str(cifs)], root / "data", val_fraction=0.1, dedup=False, workers=1)
-    return root / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def _base(path: Path) -> Path:

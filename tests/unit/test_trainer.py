@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
 
-from engine.data.datasets import build_dataset
 from engine.data.tokens import load_token_dataset
 from engine.lab.errors import ConfigError, CrystallabError
 from engine.lab.fsutil import sha256_file
@@ -35,27 +33,7 @@ TINY = ["n_layer=1", "n_head=2", "n_embd=32", "dropout=0.0", "batch_size=4", "ev
         "learning_rate=3e-3", "device=cpu", "dtype=float32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def nacl10(tmp_path_factory) -> Path:
-    """Ten rock-salt NaCl CIFs (a = 5.50 ... 5.77 Å) built into a token dataset: 9 train, 1 validation."""
-    root = tmp_path_factory.mktemp("nacl10")
-    cifs = root / "cifs"
-    cifs.mkdir()
-    for k in range(10):
-        s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.50 + 0.03 * k), ["Na", "Cl"],
-                                      [[0, 0, 0], [0.5, 0.5, 0.5]])
-        s.to(filename=str(cifs / f"nacl_{k}.cif"))
-    build_dataset([str(cifs)], root / "data", val_fraction=0.1, dedup=False, workers=1)
-    return root / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def _cfg(data: Path, *more: str):
