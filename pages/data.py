@@ -113,8 +113,15 @@ with st.expander("Build a dataset", expanded=not common.datasets()):
             argv_extra += [a for flag, v in (("--n-train", n_train), ("--n-val", n_val), ("--min-len", min_len))
                            if v for a in (flag, str(int(v)))]
         else:
-            val_fraction = st.slider("Validation share", 0.0, 0.5, 0.1, 0.01, key="data_val")
+            c1, c2 = st.columns(2)
+            val_fraction = c1.slider("Validation share", 0.0, 0.5, 0.1, 0.01, key="data_val")
+            augment = c2.number_input("Translated copies per training CIF", 0, 100, 0, key="data_augment",
+                                      help="Translation augmentation (Gruver et al.): each copy is the canonical "
+                                           "CIF of the crystal with all atoms moved by a random fractional "
+                                           "translation. Validation CIFs are never augmented.")
             argv_extra += ["--val-fraction", str(val_fraction)]
+            if augment:
+                argv_extra += ["--augment-translations", str(int(augment))]
         submitted = st.form_submit_button("Build", icon=":material/play_arrow:", key="data_build_go")
 
     if submitted:

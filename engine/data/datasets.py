@@ -72,10 +72,24 @@ _VOLUME_LINE = re.compile(r"^_cell_volume (\S+)$", re.MULTILINE)
 _Z_LINE = re.compile(r"^_cell_formula_units_Z (\S+)$", re.MULTILINE)
 
 
-def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool, max_sites: int) -> _Canonical:
+def _translated(text: str | None, structure: Any, shift: tuple[float, float, float]) -> Any:
+    """The input's structure with every atom moved by the fractional ``shift`` (wrapped into the cell)."""
+    from pymatgen.core import Structure
+
+    from engine.crystal.canonical import _parse
+
+    s = structure if structure is not None else _parse(text or "")
+    frac = (s.frac_coords + np.asarray(shift)[None, :]) % 1.0  # (n_sites, 3)
+    return Structure(s.lattice, s.species, frac, coords_are_cartesian=False)
+
+
+def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool, max_sites: int,
+                      shift: tuple[float, float, float] | None = None) -> _Canonical:
     from engine.crystal.canonical import canonicalize, canonicalize_structure, model_view
     from engine.crystal.tokenizer import encode_with_report
 
+    if shift is not None:  # a translation-augmented copy: symmetrize the moved structure afresh
+        structure = _translated(text, structure, shift)
     view = model_view(canonicalize_structure(structure, max_sites) if structure is not None
                       else canonicalize(text, symmetrized=symmetrized, max_sites=max_sites))
     ids, dropped = encode_with_report(view)
@@ -88,7 +102,8 @@ def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool, max_s
                       (formula.group(1), sg.group(1).strip().strip("'")), vpfu)
 
 
-def _canonicalize_task(text: str | None, structure: Any, symmetrized: bool, max_sites: int) -> _Canonical | str:
+def _canonicalize_task(text: str | None, structure: Any, symmetrized: bool, max_sites: int,
+                       shift: tuple[float, float, float] | None = None) -> _Canonical | str:
     """Canonicalize and tokenize one input (in a pool worker); a failure comes back as its reason."""
     from engine.lab.errors import CrystallabError
 
@@ -97,7 +112,7 @@ def _canonicalize_task(text: str | None, structure: Any, symmetrized: bool, max_
     previous = os.environ.get("SPGLIB_WARNING")
     os.environ["SPGLIB_WARNING"] = "OFF"
     try:
-        return _canonicalize_one(text, structure, symmetrized, max_sites)
+        return _canonicalize_one(text, structure, symmetrized, max_sites, shift)
     except CrystallabError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one odd CIF must not sink a 100k-CIF build; it is reported
@@ -117,8 +132,9 @@ def _pool_problem(reason: str, detail: str) -> str:
 
 
 def _run_workers(payloads: list[tuple], workers: int | None, symmetrized: bool, progress: Progress | None,
-                 timeout_s: float | None, max_sites: int) -> list[_Canonical | str]:
-    """Process all payloads, each in a killable worker with a time box; results come back in input order."""
+                 timeout_s: float | None, max_sites: int | None) -> list[_Canonical | str]:
+    """Process all payloads ``(text, structure[, shift])``, each in a killable worker with a time box; results come
+    back in input order."""
     from engine.crystal.canonical import warm_up
     from engine.lab.pool import run_pool
 
@@ -126,7 +142,7 @@ def _run_workers(payloads: list[tuple], workers: int | None, symmetrized: bool, 
     workers = max(1, min(workers or os.cpu_count() or 1, n or 1))
     if progress:
         progress(0, n)
-    tasks = [(i, text, structure, symmetrized, max_sites) for i, (text, structure) in enumerate(payloads)]
+    tasks = [(i, p[0], p[1], symmetrized, max_sites, p[2] if len(p) > 2 else None) for i, p in enumerate(payloads)]
     return run_pool(_canonicalize_task, tasks, workers, timeout_s, progress, problem=_pool_problem, warm_up=warm_up)
 
 
@@ -165,7 +181,7 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                   val_fraction: float = 0.1, seed: int = 1337, dedup: bool = True, workers: int | None = None,
                   symmetrized: bool = False, overwrite: bool = False, progress: Progress | None = None,
                   timeout_s: float | None = 60.0, max_sites: int | None = 500, confine: bool = False,
-                  limits: ReadLimits = DEFAULT_LIMITS) -> dict:
+                  limits: ReadLimits = DEFAULT_LIMITS, augment_translations: int = 0) -> dict:
     """Canonicalize, deduplicate, tokenize and split CIFs into a CrystaLLM token dataset.
 
     Args:
@@ -190,6 +206,12 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             each source must, and a file found inside a folder source whose real path (symlinks resolved) does not
             is skipped with its reason.
         limits: size and compression-ratio bounds on reading sources (`engine.data.sources.ReadLimits`).
+        augment_translations: add this many copies of every *training* CIF, each the canonical CIF of the
+            structure with all atoms moved by one random fractional translation (seeded by ``seed``), after the
+            split and deduplication. The validation split is never augmented. This is Gruver et al.'s translation
+            augmentation for CrystaLLM's format, done once at build time since token files are fixed: the
+            crystal is the same, its text (coordinates, sometimes the symmetry operations found) differs. A copy
+            that fails to canonicalize is left out and counted in ``augment_failed``.
 
     A CIF that cannot be used becomes a line of ``rejects.jsonl`` with its reason. So does a whole source file
     that cannot be read (a binary ``.cif``, a CSV without a ``cif`` column, a corrupt zip) when several sources
@@ -219,6 +241,9 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds (--timeout).")
     if max_sites is not None and max_sites < 1:
         raise InputError(f"max_sites={max_sites} must be a whole number of at least 1 (--max-sites).")
+    if not (isinstance(augment_translations, int) and 0 <= augment_translations <= MAX_AUGMENT):
+        raise InputError(f"augment_translations={augment_translations}: give a whole number of translated copies "
+                         f"per training CIF from 0 to {MAX_AUGMENT} (--augment-translations)")
     for s in sources:  # a mistyped path fails at once, not after the other sources were read
         check_source(s)
         if confine and Path(str(s)).expanduser().exists():
@@ -250,6 +275,9 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     n_val = _split_counts(len(kept), val_fraction, sources, rejects, len(duplicates))
     order = np.random.default_rng(seed).permutation(len(kept))
     splits = {"val": [kept[k] for k in order[:n_val]], "train": [kept[k] for k in order[n_val:]]}
+    augmented, augment_failed = _augment(splits["train"], items, augment_translations, seed, workers, progress,
+                                         timeout_s, max_sites)
+    splits["train"] = splits["train"] + augmented
 
     tmp = new_tmp_dir(out_dir)
     try:
@@ -257,11 +285,15 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         for split, entries in splits.items():
             offset = 0
             parts = []
-            for i, res in entries:
+            for entry in entries:
+                i, res = entry[0], entry[1]
                 ids = np.frombuffer(res.ids, dtype="<u2")
                 parts.append(ids)
-                index.append({"split": split, "offset": offset, "n_tokens": int(ids.size),
-                              "source": items[i].source, "name": items[i].name, "meta": items[i].meta})
+                row = {"split": split, "offset": offset, "n_tokens": int(ids.size), "source": items[i].source,
+                       "name": items[i].name, "meta": items[i].meta}
+                if len(entry) > 2:  # a translated copy: which translation, so the file says what it holds
+                    row["augment"] = {"translation": entry[2]}
+                index.append(row)
                 offset += ids.size
             write_bin(tmp / f"{split}.bin", np.concatenate(parts) if parts else np.zeros(0, "<u2"))
         write_jsonl(tmp / "rejects.jsonl", rejects)
@@ -278,16 +310,39 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "latin1": len(latin1),
             "latin1_files": latin1[:MAX_SKIPPED_LISTED],
             "duplicates_removed": len(duplicates),
+            "augmented": len(augmented),
+            "augment_failed": augment_failed,
             "dropped_chars": sum(dropped_chars.values()),
             "dropped_char_counts": dict(dropped_chars.most_common()),
         }
         provenance = {"sources": [describe_source(s) for s in sources], "options": {
             "val_fraction": val_fraction, "seed": seed, "dedup": dedup, "symmetrized": symmetrized,
-            "timeout_s": timeout_s, "max_sites": max_sites}}
+            "timeout_s": timeout_s, "max_sites": max_sites, "augment_translations": augment_translations}}
         return finish(tmp, out_dir, overwrite, stats, provenance, t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+MAX_AUGMENT = 100
+"""Most translated copies per training CIF a build accepts (a dataset 101x its size is already large)."""
+
+
+def _augment(train: list[tuple[int, _Canonical]], items: list[SourceItem], k: int, seed: int, workers: int | None,
+             progress: Progress | None, timeout_s: float | None, max_sites: int | None,
+             ) -> tuple[list[tuple[int, _Canonical, list[float]]], int]:
+    """``k`` randomly translated canonical copies of each training entry: ``([(item, result, shift)], failed)``.
+
+    The shifts are drawn from ``default_rng([seed, 1])`` in training order, so a rebuild gives the same files.
+    """
+    if k == 0 or not train:
+        return [], 0
+    shifts = np.random.default_rng([seed, 1]).random((len(train), k, 3)).round(6)  # (train, k, 3) fractional
+    jobs = [(i, [float(x) for x in shifts[j, c]]) for j, (i, _) in enumerate(train) for c in range(k)]
+    payloads = [(items[i].text, items[i].structure, tuple(g)) for i, g in jobs]
+    results = _run_workers(payloads, workers, False, progress, timeout_s, max_sites)
+    ok = [(i, res, g) for (i, g), res in zip(jobs, results) if not isinstance(res, str)]
+    return ok, len(jobs) - len(ok)
 
 
 def _read_sources(sources: Sequence[str | os.PathLike], allowed: Allowed | None, limits: ReadLimits,
@@ -384,6 +439,10 @@ def _print_summary(folder: Path, stats: dict) -> None:
     if stats.get("kind") == "built":
         print(f"  inputs {stats['inputs']}  accepted {stats['accepted']}  rejected {stats['rejected']}"
               f"  duplicates removed {stats['duplicates_removed']}")
+        if stats.get("augmented") or stats.get("augment_failed"):
+            print(f"  translated training copies {stats['augmented']}"
+                  + (f" ({stats['augment_failed']} failed to canonicalize and were left out)"
+                     if stats.get("augment_failed") else ""))
         if stats.get("unreadable_sources"):
             print(f"  {stats['unreadable_sources']} source file(s) could not be read at all (listed as rejects)")
         if stats["rejected"]:
@@ -430,7 +489,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return _build_with_bar(args.out, args.sources, val_fraction=args.val_fraction, seed=args.seed,
                            dedup=not args.no_dedup, workers=args.workers, symmetrized=args.symmetrized,
                            overwrite=args.overwrite, timeout_s=args.timeout, max_sites=args.max_sites,
-                           confine=args.confine, limits=limits)
+                           confine=args.confine, limits=limits, augment_translations=args.augment_translations)
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
@@ -438,7 +497,8 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
         raise InputError(f"--n {args.n}: the corpus needs at least 1 structure (default 5000)")
     # --seed picks the generated structures; the train/val split keeps build's default seed.
     return _build_with_bar(args.out, [f"builtin:{args.n}:{args.seed}"], val_fraction=args.val_fraction,
-                           workers=args.workers, overwrite=args.overwrite)
+                           workers=args.workers, overwrite=args.overwrite,
+                           augment_translations=args.augment_translations)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -461,6 +521,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_summary(ds.path, stats)
         print(f"  fingerprint {ds.fingerprint}")
     return 0
+
+
+AUGMENT_HELP = ("add this many randomly translated copies of every training CIF (Gruver et al.'s translation "
+                "augmentation; validation is never augmented; default 0)")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -494,6 +558,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--confine", action="store_true",
                    help="read only inside the runs folder and CRYSTALLAB_DATA_DIRS, following no symlink out of "
                         "them (what dashboard builds do)")
+    b.add_argument("--augment-translations", type=int, default=0, metavar="K", help=AUGMENT_HELP)
     b.set_defaults(func=_cmd_build)
 
     c = sub.add_parser("corpus", help="build a dataset from the built-in generated corpus")
@@ -503,6 +568,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--val-fraction", type=float, default=0.1)
     c.add_argument("--workers", type=int, default=None)
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--augment-translations", type=int, default=0, metavar="K", help=AUGMENT_HELP)
     c.set_defaults(func=_cmd_corpus)
 
     i = sub.add_parser("import-tokens", help="import CrystaLLM token files (tokens_v1_train_val.tar.gz or a folder)")

@@ -464,3 +464,45 @@ def test_cli_build_rejects_one_bad_cif_among_several_but_refuses_a_lone_one(mp20
     assert main(["data", "build", str(tmp_path / "empty.cif"), "--out", "y"]) == 2
     assert "empty.cif has no 'data_' block" in capsys.readouterr().err
     assert not (get_settings().datasets_dir / "y").exists()
+
+
+def test_translation_augmentation_adds_moved_copies_of_training_cifs_only(mp20_rows, tmp_path):
+    src = tmp_path / "six.csv"
+    mp20_rows.head(6).to_csv(src, index=False)
+    plain = build_dataset([src], tmp_path / "plain", val_fraction=0.2, workers=1)
+    aug = build_dataset([src], tmp_path / "aug", val_fraction=0.2, workers=1, augment_translations=2)
+    build_dataset([src], tmp_path / "again", val_fraction=0.2, workers=1, augment_translations=2)
+
+    rows = _read_jsonl(tmp_path / "aug" / "index.jsonl")
+    copies = [r for r in rows if "augment" in r]
+    originals = {r["name"]: r for r in rows if "augment" not in r}
+    assert aug["augmented"] + aug["augment_failed"] == 2 * sum(r["split"] == "train" for r in originals.values())
+    assert copies and all(r["split"] == "train" for r in copies)
+    # validation is the same as without augmentation: same CIFs, same bytes
+    assert (tmp_path / "aug" / "val.bin").read_bytes() == (tmp_path / "plain" / "val.bin").read_bytes()
+    # seeded: a rebuild writes the same training tokens
+    assert (tmp_path / "aug" / "train.bin").read_bytes() == (tmp_path / "again" / "train.bin").read_bytes()
+    assert aug["train_cifs"] == plain["train_cifs"] + aug["augmented"]
+
+    train = np.fromfile(tmp_path / "aug" / "train.bin", dtype="<u2")
+
+    def text(row: dict) -> str:
+        return decode(train[row["offset"]:row["offset"] + row["n_tokens"]])
+
+    def header(t: str) -> list[str]:  # data_ line, cell lengths and angles, formula: what a translation keeps
+        return [line for line in t.splitlines() if line.startswith(("data_", "_cell_length", "_cell_angle",
+                                                                      "_chemical_formula_sum"))]
+
+    moved = 0
+    for copy in copies:
+        original = text(originals[copy["name"]])
+        assert header(text(copy)) == header(original)
+        assert len(copy["augment"]["translation"]) == 3
+        moved += text(copy) != original
+    assert moved > 0  # low-symmetry MP-20 cells: a translation changes the coordinates written
+
+
+def test_translation_augmentation_refuses_a_count_out_of_range(mp20_csv, tmp_path):
+    with pytest.raises(InputError, match="augment_translations=-1"):
+        build_dataset([mp20_csv], tmp_path / "x", augment_translations=-1)
+    assert main(["data", "build", str(mp20_csv), "--out", str(tmp_path / "y"), "--augment-translations", "101"]) == 2
