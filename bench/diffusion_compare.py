@@ -5,15 +5,16 @@ Three models of one shape train through the real trainer on one dataset, each fo
 
 - ``gpt``: next-token objective, ``--steps`` steps from scratch;
 - ``diff_from_ar``: a GPT trained ``--steps / 2`` steps, then turned into a masked-diffusion model
-  (`engine.train.diffusion`, ``--variant``) and trained ``--steps / 2`` more; it samples at every ``--diff-steps``
-  x ``--cfg`` setting;
-- ``diff_scratch``: the masked-diffusion objective from scratch, ``--steps`` steps; it samples at 64 steps, no
-  guidance.
+  (`engine.train.diffusion`, ``--variant``) and trained ``--steps / 2`` more;
+- ``diff_scratch``: the masked-diffusion objective from scratch, ``--steps`` steps.
 
-Each samples ``--n`` CIFs per prompt through the lab's sample sets (same post-processing and evaluation as the
-GPT; the GPT with its default knobs). Reported per row: the final validation
-loss (the GPT's NLL; the diffusion models' bound on it, nats/token, NOT comparable as a perplexity), validity,
-uniqueness among valid, formula and space-group hit rates, and samples/s at equal batch.
+The headline table: each model samples ``--n`` CIFs per prompt through the lab's sample sets (same
+post-processing and evaluation as the GPT; the GPT with its default knobs, the diffusion models at 64 denoising
+steps without guidance), all at batch ``--batch``. The sweep: ``diff_from_ar`` samples ``--sweep-n`` CIFs of the
+first prompt at every ``--diff-steps`` x ``--cfg`` setting. Reported per row: the final validation loss (the GPT's
+NLL; the diffusion models' bound on it, nats/token, NOT comparable as a perplexity), validity, uniqueness among
+valid, formula and space-group hit rates, and samples/s. The validation curves (``--curve-points`` evaluations per
+model) go into the JSON.
 
     uv run python bench/diffusion_compare.py --steps 200 --n 16 --prompts Na4Cl4
 """
@@ -47,8 +48,9 @@ def _train(name: str, root: Path, common: list[str], more: list[str]) -> tuple[P
     run = train(load_config(None, [*common, *more]), run_dir=root / name, progress=False)
     rows = [r for r in RunFolder(run).metrics() if r.get("split") == "val"]
     last = rows[-1] if rows else {}
+    curve = [[r["step"], round(r["loss"], 4)] for r in rows]
     return run / "ckpt" / "last.pt", {"val_loss": last.get("loss"), "loss_kind": last.get("loss_kind"),
-                                      "train_s": round(time.perf_counter() - t0, 1)}
+                                      "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
 
 
 def _sample(ckpt: Path, prompt_text: str, knobs: dict, n: int, out: Path, seed: int, batch: int) -> dict[str, Any]:
@@ -72,10 +74,15 @@ def main() -> int:
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block-size", type=int, default=384)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="training batch")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--variant", default="shift", choices=("direct", "shift"))
     p.add_argument("--prompts", default="Na4Cl4", help="comma-separated cell compositions")
-    p.add_argument("--n", type=int, default=16, help="samples per prompt and setting")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt and model (the headline table)")
+    p.add_argument("--sweep-n", type=int, default=16, help="samples per steps x CFG setting (first prompt)")
+    p.add_argument("--batch", type=int, default=16, help="sampling batch, the same for every model")
+    p.add_argument("--curve-points", type=int, default=4, help="validation evaluations per model")
     p.add_argument("--diff-steps", type=benchlib.int_list, default=[16, 32, 64, 128])
     p.add_argument("--cfg", default="0,1.5", help="comma-separated guidance scales")
     p.add_argument("--seed", type=int, default=1337)
@@ -85,47 +92,61 @@ def main() -> int:
     torch.set_num_threads(1)
     info = benchlib.machine_info("cpu")
     root = Path(tempfile.mkdtemp(prefix="diffcmp-"))
-    common = [f"dataset={args.dataset}", f"n_layer={args.n_layer}", "n_head=2", f"n_embd={args.n_embd}",
+    common = [f"dataset={args.dataset}", f"n_layer={args.n_layer}", f"n_head={args.n_head}", f"n_embd={args.n_embd}",
               f"block_size={args.block_size}", f"batch_size={args.batch_size}", "dropout=0.0", "device=cpu",
-              "dtype=float32", "learning_rate=2e-3", f"warmup_iters={min(20, args.steps // 4)}", "eval_iters=4", "log_interval=10",
-              f"seed={args.seed}", "preset=tiny"]
+              "dtype=float32", f"learning_rate={args.lr}", f"warmup_iters={min(50, args.steps // 4)}", "eval_iters=4",
+              "log_interval=20", f"seed={args.seed}", "preset=tiny", "cpu_threads=1"]
     half = max(1, args.steps // 2)
+
+    def every(n_steps: int) -> str:
+        return f"eval_interval={max(1, n_steps // max(1, args.curve_points))}"
+
     models: dict[str, dict[str, Any]] = {}
     try:
-        ckpt, rec = _train("gpt", root, common, [f"max_iters={args.steps}", f"eval_interval={args.steps}"])
+        ckpt, rec = _train("gpt", root, common, [f"max_iters={args.steps}", every(args.steps)])
         models["gpt"] = {"ckpt": ckpt, **rec}
-        ar, rec_half = _train("gpt_half", root, common, [f"max_iters={half}", f"eval_interval={half}"])
+        ar, rec_half = _train("gpt_half", root, common, [f"max_iters={half}", every(half)])
         ft = [c for c in common if not c.startswith(("n_layer", "n_head", "n_embd", "preset"))]
         ckpt, rec = _train("diff_from_ar", root, ft, [
             "init_from=finetune", f"init_ckpt={ar}", "objective=masked-diffusion", f"diffusion_variant={args.variant}",
-            f"max_iters={args.steps - half}", f"eval_interval={args.steps - half}"])
-        models["diff_from_ar"] = {"ckpt": ckpt, **rec, "train_s": rec["train_s"] + rec_half["train_s"]}
+            f"max_iters={args.steps - half}", every(args.steps - half)])
+        models["diff_from_ar"] = {"ckpt": ckpt, **rec, "train_s": rec["train_s"] + rec_half["train_s"],
+                                  "curve_ar_half": rec_half["curve"]}
         ckpt, rec = _train("diff_scratch", root, common, ["objective=masked-diffusion",
                                                           f"diffusion_variant={args.variant}",
-                                                          f"max_iters={args.steps}", f"eval_interval={args.steps}"])
+                                                          f"max_iters={args.steps}", every(args.steps)])
         models["diff_scratch"] = {"ckpt": ckpt, **rec}
-        rows = []
+        rows, sweep = [], []
+        prompts = [s.strip() for s in args.prompts.split(",") if s.strip()]
+
+        def one(name: str, prompt: str, knobs: dict, n: int, into: list) -> None:
+            m = models[name]
+            tag = f"{name}-{prompt}-" + "-".join(f"{k}{v}" for k, v in knobs.items())
+            res = _sample(m["ckpt"], prompt, knobs, n, root / "samples" / tag, args.seed, min(n, args.batch))
+            into.append({"model": name, "prompt": prompt, "n": n, **knobs, "val_loss": m["val_loss"],
+                         "loss_kind": m["loss_kind"], "train_s": m["train_s"], **res})
+            print(json.dumps(into[-1]), flush=True)
+
+        for prompt in prompts:
+            for name in models:
+                one(name, prompt, {} if name == "gpt" else {"steps": 64, "cfg_scale": 0.0}, args.n, rows)
         cfgs = [float(c) for c in args.cfg.split(",") if c.strip()]
-        for prompt in [s.strip() for s in args.prompts.split(",") if s.strip()]:
-            for name, m in models.items():
-                grid = [{"steps": s, "cfg_scale": w} for s in args.diff_steps for w in cfgs]
-                settings: list[dict[str, Any]] = {"gpt": [{}], "diff_from_ar": grid}.get(
-                    name, [{"steps": 64, "cfg_scale": 0.0}])
-                for knobs in settings:
-                    tag = f"{name}-{prompt}-" + "-".join(f"{k}{v}" for k, v in knobs.items())
-                    res = _sample(m["ckpt"], prompt, knobs, args.n, root / "samples" / tag, args.seed,
-                                  min(args.n, 16))
-                    rows.append({"model": name, "prompt": prompt, **knobs, "val_loss": m["val_loss"],
-                                 "loss_kind": m["loss_kind"], "train_s": m["train_s"], **res})
-                    print(json.dumps(rows[-1]), flush=True)
+        for steps in args.diff_steps:
+            for w in cfgs:
+                one("diff_from_ar", prompts[0], {"steps": steps, "cfg_scale": w}, args.sweep_n, sweep)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "tokens_per_model": args.steps * args.batch_size * args.block_size, "rows": rows,
+              "tokens_per_model": args.steps * args.batch_size * args.block_size, "rows": rows, "sweep": sweep,
+              "curves": {name: {k: v for k, v in m.items() if k.startswith("curve")} for name, m in models.items()},
               "machine": benchlib.finish(info)}
-    benchlib.print_table(rows, ["model", "prompt", "steps", "cfg_scale", "val_loss", "loss_kind", "validity",
-                                "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate", "samples_per_s"])
+    cols = ["model", "prompt", "n", "steps", "cfg_scale", "val_loss", "loss_kind", "parse_rate", "validity",
+            "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate", "samples_per_s"]
+    benchlib.print_table(rows, cols, title="models at an equal token budget")
+    benchlib.print_table(sweep, cols, title=f"diff_from_ar: denoising steps x CFG, {prompts[0]}")
+    for name, m in models.items():
+        print(name, "val curve (step, loss):", m["curve"])
     benchlib.write_result(args.out, result)
     return 0
 
