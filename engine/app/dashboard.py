@@ -145,23 +145,12 @@ def model_card(path: str | os.PathLike) -> dict:
     Raises:
         CheckpointError: the file cannot be read as a checkpoint.
     """
-    from engine.models.checkpoint import checkpoint_info, read_meta
-    from engine.models.family import DEFAULT_FAMILY, get_family, peek_family
+    from engine.models.family import get_family, peek_family
 
     family = peek_family(path)
     cls = get_family(family)
-    if family == DEFAULT_FAMILY:
-        info = checkpoint_info(path)
-        best = info["best_val_loss"]
-        caption = (f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
-                   f"{info['model_args'].get('block_size')} | best val loss "
-                   f"{'-' if best is None else format(best, '.4f')}"
-                   + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
-        return {"family": family, "knobs": cls.knobs, "problem": info["problem"], "caption": caption}
-    meta = read_meta(Path(path))
-    caption = f"{family} model" + (f" | run {meta['run']}" if meta.get("run") else "") + (
-        f" | step {meta['step']:,}" if isinstance(meta.get("step"), int) else "")
-    return {"family": family, "knobs": cls.knobs, "problem": None, "caption": caption}
+    card = cls.checkpoint_card(Path(path))
+    return {"family": family, "knobs": cls.knobs, "problem": card["problem"], "caption": card["caption"]}
 
 
 def find_sample_sets(root: str | os.PathLike, depth: int = 3) -> list[Path]:

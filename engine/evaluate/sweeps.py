@@ -206,8 +206,7 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
         CheckpointError: a missing or unusable checkpoint.
         ConfigError: a ``knobs`` key no checkpoint's family has, or a value outside a family's range.
     """
-    from engine.models.checkpoint import checkpoint_info, checkpoint_sha256
-    from engine.models.family import DEFAULT_FAMILY, get_family, peek_family
+    from engine.models.family import get_family, peek_family
 
     infos = {}
     for label, path in config.checkpoints.items():
@@ -219,14 +218,10 @@ def _checkpoint_infos(config: SweepConfig) -> dict[str, dict]:
                 f"checkpoints.{label} at it (e.g. --set checkpoints.{label}=/path/to/ckpt.pt)"
             )
         family = peek_family(p)
-        if family == DEFAULT_FAMILY:
-            infos[label] = checkpoint_info(p)
-            if infos[label]["problem"]:
-                raise CheckpointError(f"checkpoint {label!r} ({p}) cannot be used: {infos[label]['problem']}")
-        else:
-            infos[label] = {"path": str(p.resolve()), "sha256": checkpoint_sha256(p)}
-        infos[label]["family"] = family
-        infos[label]["family_class"] = get_family(family)
+        card = get_family(family).checkpoint_card(p)
+        if card["problem"]:
+            raise CheckpointError(f"checkpoint {label!r} ({p}) cannot be used: {card['problem']}")
+        infos[label] = {**card["info"], "family": family, "family_class": get_family(family)}
     known = {k.name for info in infos.values() for k in info["family_class"].knobs}
     unknown = sorted(set(config.knobs) - known)
     if unknown:

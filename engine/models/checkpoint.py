@@ -587,14 +587,12 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from engine.models.family import DEFAULT_FAMILY, load_family_model, peek_family, provenance
+    from engine.models.family import get_family, load_family_model, peek_family
 
-    family = peek_family(args.path)
-    if family == DEFAULT_FAMILY:
-        info = {"family": family, **checkpoint_info(args.path)}
-    else:  # another family describes itself (the file is read without running code, as for the GPT)
-        model = load_family_model(args.path, "cpu")
-        info = {**provenance(model), **model.describe(), "problem": None}
+    card = get_family(peek_family(args.path)).checkpoint_card(Path(args.path))
+    info = {**card["info"], "problem": card["problem"]}
+    if card["problem"] is None:  # a usable file: the loaded model describes itself too (read without running code)
+        info = {**load_family_model(args.path, "cpu").describe(), **info}
     print(json.dumps(info, indent=2, default=str))
     if info["problem"]:
         print(f"error: {info['problem']}", file=sys.stderr)

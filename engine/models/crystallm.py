@@ -40,6 +40,19 @@ class CrystaLLMGPT(FamilyModel):
         self._device = device
 
     @classmethod
+    def checkpoint_card(cls, path: Path) -> dict[str, Any]:
+        """`engine.models.checkpoint.checkpoint_info`: identity, shape, step, vocabulary check, provenance."""
+        from engine.models.checkpoint import checkpoint_info
+
+        info = checkpoint_info(path)
+        best = info["best_val_loss"]
+        caption = (f"step {info['step']:,} | {info['n_params'] / 1e6:.2f} M parameters | context "
+                   f"{info['model_args'].get('block_size')} | best val loss "
+                   f"{'-' if best is None else format(best, '.4f')}"
+                   + (" | CrystaLLM checkpoint" if info["upstream"] else ""))
+        return {"info": {"family": cls.family, **info}, "problem": info["problem"], "caption": caption}
+
+    @classmethod
     def load(cls, path: Path, device: Any) -> "CrystaLLMGPT":
         from engine.models.checkpoint import load_model
 

@@ -159,6 +159,27 @@ class FamilyModel(ABC):
             CheckpointError: the file is not a usable model of this family (one line naming it).
         """
 
+    @classmethod
+    def checkpoint_card(cls, path: Path) -> dict[str, Any]:
+        """What a checkpoint file of this family is, read without building the model (cheap enough for a
+        dashboard selection or a sweep's pre-flight): ``{"info": JSON-ready dict, "problem": str | None,
+        "caption": one line}``. ``problem`` says why the file cannot be used (it is still described). Default:
+        the lab's provenance record and the file's hash; the GPT family adds its shape and vocabulary check.
+
+        Raises:
+            CheckpointError: the file cannot be read as a checkpoint.
+        """
+        from engine.models.checkpoint import checkpoint_sha256, read_meta
+
+        path = Path(path)
+        meta = read_meta(path)
+        info = {"family": cls.family, "path": str(path.resolve()),
+                "sha256": checkpoint_sha256(path) if path.is_file() else None,
+                **{k: meta.get(k) for k in ("step", "run", "parent", "created_at", "data_fingerprint") if k in meta}}
+        caption = f"{cls.family} model" + (f" | run {meta['run']}" if meta.get("run") else "") + (
+            f" | step {meta['step']:,}" if isinstance(meta.get("step"), int) else "")
+        return {"info": info, "problem": None, "caption": caption}
+
     @abstractmethod
     def generate(
         self,

@@ -197,6 +197,21 @@ def test_families_load_their_own_checkpoints_and_refuse_the_other(gpt_ckpt, diff
         assert str(diff_ckpt) in str(err.value) and "\n" not in str(err.value) and "masked-diffusion" in str(err.value)
 
 
+def test_model_card_and_ckpt_inspect_ask_the_family_not_a_branch(gpt_ckpt, diff_ckpt, capsys):
+    from engine.app.dashboard import model_card
+    from engine.cli import main
+
+    gpt, diff = model_card(gpt_ckpt), model_card(diff_ckpt)
+    assert (gpt["family"], diff["family"]) == ("crystallm-gpt", "masked-diffusion")
+    assert gpt["caption"].startswith("step 5 |") and "M parameters" in gpt["caption"]
+    assert diff["caption"] == "masked-diffusion model | run d | step 7" and diff["problem"] is None
+    assert {k.name for k in diff["knobs"]} >= {"steps", "cfg_scale", "remasking"}
+    assert main(["ckpt", "inspect", str(diff_ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["step"], info["variant"], info["problem"]) == ("masked-diffusion", 7, "direct", None)
+    assert len(info["sha256"]) == 64
+
+
 @pytest.mark.parametrize("given, fragment", [
     ({"steps": 0}, "steps = 0 is outside"),
     ({"steps": -3}, "steps = -3 is outside"),
