@@ -114,8 +114,8 @@ def quantization_config(bits: int | None, device: torch.device) -> Any:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError(f"quantize={bits}: bitsandbytes is not installed; install it on the GPU machine or leave "
-                         "quantize unset")
+        raise InputError(f"quantize={bits}: bitsandbytes is not installed; on the GPU machine run `uv sync --extra "
+                         "gpu` (the lockfile pins it), or leave quantize unset")
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
