@@ -54,7 +54,8 @@ with st.expander("Launch a run", expanded=not common.train_runs()):
     mode = st.radio("Start from", ["scratch", "finetune", "resume"], horizontal=True, key="train_mode",
                     captions=["a new model", "a checkpoint's weights, fresh optimizer", "an interrupted run"])
     if mode == "resume":
-        resumable = [r for r in common.train_runs() if (r / "ckpt" / "last.pt").exists()
+        # ckpt/last.pt, or the ckpt/last/ folder of a Hugging Face run
+        resumable = [r for r in common.train_runs() if any((r / "ckpt" / n).exists() for n in ("last.pt", "last"))
                      and RunFolder(r).read_status().get("state") in ("stopped", "died", "failed")]
         if not resumable:
             st.info("No stopped, failed or died run with a checkpoint to resume.")

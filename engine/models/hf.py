@@ -206,7 +206,7 @@ class HFCausalLM(FamilyModel):
         return cls(load_base_model(folder, dev), load_tokenizer(folder), folder, dev, "gruver", {})
 
     @classmethod
-    def _load_run(cls, p: Path, dev: torch.device, meta: dict[str, Any]) -> "HFCausalLM":
+    def _load_run(cls, p: Path, dev: torch.device, meta: dict[str, Any], trainable: bool = False) -> "HFCausalLM":
         fmt = meta.get("text_format", "gruver")
         if fmt not in TEXT_FORMATS:
             raise CheckpointError(f"{p / META_FILE} names text format {fmt!r}; this lab knows {', '.join(TEXT_FORMATS)}")
@@ -223,7 +223,7 @@ class HFCausalLM(FamilyModel):
 
         model = load_base_model(folder, dev, meta.get("quantize"))
         try:
-            model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
+            model = PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{p}: the LoRA adapter cannot be loaded ({str(exc).splitlines()[0]})") from None
         tok_src = p if any((p / f).is_file() for f in _TOKENIZER_FILES) else folder

@@ -9,8 +9,10 @@ The HF model has its own tokenizer, so batches are not the dataset's token windo
 dataset's CIFs (`engine.data.tokens.iter_cifs`), parses the structures it draws (cached) and renders them. A run's
 checkpoints are folders, ``ckpt/last/`` and ``ckpt/best/``: the adapter (or whole model) as ``save_pretrained``
 writes it, the tokenizer, and ``crystallab.json`` (family, text format, base folder path and sha256, run, step),
-written into a temporary folder and renamed into place. Resuming an HF run is not supported yet (no optimizer
-state is kept): start a new run.
+written into a temporary folder and renamed into place. Each checkpoint folder also holds ``trainer_state.pt``
+(AdamW state, step, best validation loss, scaler and early-stopping state; tensors and plain values only, read
+with ``weights_only``), so ``crystallab train --resume RUN`` continues an HF run from ``ckpt/last/`` exactly where
+it stopped: the adapter (or whole model) is loaded trainable, the base checked against its recorded sha256.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from engine.lab.errors import ConfigError, InputError
+from engine.lab.errors import CheckpointError, ConfigError, InputError
 from engine.models.hf import (
     FAMILY,
     META_FILE,
     TEXT_FORMATS,
+    HFCausalLM,
     check_model_folder,
     encode,
     folder_sha256,
@@ -41,6 +45,46 @@ from engine.train.objectives import Objective
 
 IGNORE = -100
 """Label of padding positions (ignored by the HF loss)."""
+TRAINER_STATE = "trainer_state.pt"
+"""The file in an HF checkpoint folder that holds what a resume needs besides the weights."""
+
+
+@dataclass
+class HFResumeState:
+    """An HF run's ``last`` checkpoint folder, read for a resume (what `Objective.load_resume` returns)."""
+
+    path: Path
+    iter_num: int
+    best_val_loss: float | None
+    optimizer_state: dict[str, Any]
+    meta: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+
+
+def read_resume_state(folder: Path) -> HFResumeState:
+    """The resume record of an HF checkpoint folder, read without executing code.
+
+    Raises:
+        CheckpointError: the folder has no ``crystallab.json`` / ``trainer_state.pt`` (written before resume
+            existed, or damaged), or they cannot be read.
+    """
+    from engine.lab.fsutil import sha256_file
+
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{folder} has no {TRAINER_STATE} (written by a version that could not resume HF runs, "
+                              "or damaged); fine-tuning cannot continue from it: start a new run")
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{folder} cannot be read for a resume ({str(exc).splitlines()[0][:160]}); the "
+                              "checkpoint folder is damaged: start a new run") from None
+    return HFResumeState(path=folder, iter_num=int(state["step"]), best_val_loss=state.get("best_val_loss"),
+                         optimizer_state=state["optimizer"], meta=meta, extra=state.get("extra") or {},
+                         sha256=sha256_file(state_file))
 
 
 class HFModule(torch.nn.Module):
@@ -130,9 +174,10 @@ class HFObjective(Objective):
     def config_problem(self, config: Any) -> str | None:
         if not config.hf_model:
             return "objective hf-causal-lm needs hf_model: the local Hugging Face model folder to fine-tune"
-        if config.init_from != "scratch":
-            return (f"objective hf-causal-lm starts from hf_model; init_from must be scratch (a new run), not "
-                    f"{config.init_from} (resuming HF runs is not supported yet: start a new run)")
+        if config.init_from not in ("scratch", "resume"):
+            return (f"objective hf-causal-lm starts from hf_model; init_from must be scratch (a new run) or resume "
+                    f"(continue one), not {config.init_from}: a new run from another HF run's checkpoint is not "
+                    "supported (a full fine-tune's checkpoint folder is itself a model folder: point hf_model at it)")
         if config.hf_text_format not in TEXT_FORMATS:
             return f"hf_text_format must be one of {', '.join(TEXT_FORMATS)}, got {config.hf_text_format!r}"
         if config.hf_lora_rank < 0:
@@ -141,23 +186,41 @@ class HFObjective(Objective):
             return f"hf_lora_dropout must be in [0, 1), got {config.hf_lora_dropout}"
         return None
 
+    def last_checkpoint(self, ckpt_dir: Path) -> Path:
+        return ckpt_dir / "last"
+
+    def load_resume(self, path: Path, mmap: bool = False) -> HFResumeState:
+        return read_resume_state(path)
+
     def build(self, config: Any, ckpt: Any | None, info: Callable[..., None]) -> torch.nn.Module:
         c = config
-        folder = check_model_folder(c.hf_model)
-        self.tokenizer = load_tokenizer(folder)
-        self.base = {"path": str(folder.resolve()), **folder_sha256(folder)}
-        device = torch.device("cuda" if c.hf_quantize and torch.cuda.is_available() else "cpu")
-        net = load_base_model(folder, device, c.hf_quantize)
-        if c.hf_lora_rank > 0:
-            net = self._with_lora(net, c)
+        if isinstance(ckpt, HFResumeState):
+            net = self._resumed(ckpt)
         else:
-            net.train()
+            folder = check_model_folder(c.hf_model)
+            self.tokenizer = load_tokenizer(folder)
+            self.base = {"path": str(folder.resolve()), **folder_sha256(folder)}
+            device = torch.device("cuda" if c.hf_quantize and torch.cuda.is_available() else "cpu")
+            net = load_base_model(folder, device, c.hf_quantize)
+            if c.hf_lora_rank > 0:
+                net = self._with_lora(net, c)
+        net.train()
+        folder = Path(self.base["path"])
         module = HFModule(net)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         info("Hugging Face model %s (%s text, %s): %s of %s parameters train", folder, c.hf_text_format,
              f"LoRA rank {c.hf_lora_rank} on {c.hf_lora_targets}" if self.lora else "full fine-tune",
              f"{trainable:,}", f"{module.num_params():,}")
         return module
+
+    def _resumed(self, state: HFResumeState) -> Any:
+        """The network of an HF run's ``last`` folder, trainable (LoRA: the adapter on its checked base)."""
+        device = torch.device("cuda" if self.config.hf_quantize and torch.cuda.is_available() else "cpu")
+        loaded = HFCausalLM._load_run(state.path, device, state.meta, trainable=True)
+        self.tokenizer = loaded.tokenizer
+        self.base = dict(state.meta.get("base") or {})
+        self.lora = state.meta.get("lora") if state.meta.get("adapter") else None
+        return loaded.model
 
     def _with_lora(self, net: Any, c: Any) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -198,6 +261,8 @@ class HFObjective(Objective):
         net = model.net if isinstance(model, HFModule) else model
         net.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                    "extra": extra}, tmp / TRAINER_STATE)
         record = {**meta, "step": step, "best_val_loss": best_val_loss, "config": config}
         (tmp / META_FILE).write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
         old = ckpt_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.old.tmp"

@@ -85,6 +85,18 @@ class Objective(ABC):
                         config=config, meta=meta, extra=extra, weights=self.checkpoint_weights(model))
         return path
 
+    def last_checkpoint(self, ckpt_dir: Path) -> Path:
+        """Where `save` writes a run's ``last`` checkpoint (what a resume continues from)."""
+        return ckpt_dir / "last.pt"
+
+    def load_resume(self, path: Path, mmap: bool = False) -> Any:
+        """The ``last`` checkpoint at ``path`` with everything a resume needs: weights (or where they are),
+        ``iter_num``, ``best_val_loss``, ``optimizer_state``, ``extra`` (scaler, early-stopping state) and ``meta``.
+        ``build`` receives it as ``ckpt``."""
+        from engine.models.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, mmap=mmap)
+
     def checkpoint_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The weights a checkpoint stores; None: the whole state dict (LoRA stores only its adapters)."""
         return None

@@ -30,6 +30,7 @@ from engine.train.config import (
     resolve_ckpt_path,
     resolve_run_dir,
 )
+from engine.train.objectives import objective_for
 from engine.train.setup import (
     RESUME_IDENTITY_KEYS,
     Dist,
@@ -81,9 +82,13 @@ def resolve_sources(config: TrainConfig, run_dir: str | Path | None,
         torch.distributed.broadcast_object_list(box, src=0)
         config = box[0]
         if not dist.is_main:
-            src = {"resume": Path(config.out_dir or ".") / "ckpt" / "last.pt",
-                   "finetune": resolve_ckpt_path(config.init_ckpt or ".")}.get(config.init_from)
-            ckpt = load_checkpoint(src) if src else None
+            if config.init_from == "resume":
+                objective = objective_for(config)
+                ckpt = objective.load_resume(objective.last_checkpoint(Path(config.out_dir or ".") / "ckpt"))
+            elif config.init_from == "finetune":
+                ckpt = load_checkpoint(resolve_ckpt_path(config.init_ckpt or "."))
+            else:
+                ckpt = None
     return config, run, ckpt, parent
 
 
@@ -97,10 +102,11 @@ def _prepare(config: TrainConfig, run_dir: str | Path | None, *,
     """
     if config.init_from == "resume":
         run = RunFolder(resolve_run_dir(run_dir or config.out_dir, existing=True))  # type: ignore[arg-type]
-        last = run.ckpt_dir / "last.pt"
+        last = objective_for(config).last_checkpoint(run.ckpt_dir)
         if not last.exists():
-            raise ConfigError(f"cannot resume {run.path}: it has no ckpt/last.pt (the run stopped before its first "
-                              "checkpoint); start a new run instead (delete this folder or choose another --run-dir)")
+            raise ConfigError(f"cannot resume {run.path}: it has no ckpt/{last.name} (the run stopped before its "
+                              "first checkpoint); start a new run instead (delete this folder or choose another "
+                              "--run-dir)")
         _own(run, create)
         try:
             return _prepare_resume(config, run, last, create)
@@ -183,11 +189,12 @@ def _prepare_resume(config: TrainConfig, run: RunFolder, last: Path,
             f"(the run has {', '.join(f'{k}={saved[k]!r}' for k in changed)}): its batches would not line up. "
             "Fine-tune from its ckpt/last.pt instead"
         )
-    ckpt = load_checkpoint(last, mmap=not create)
+    ckpt = objective_for(config).load_resume(last, mmap=not create)
     if int(ckpt.iter_num) >= config.max_iters:
         raise ConfigError(f"{run.path} already reached step {ckpt.iter_num}; raise max_iters to train further "
                           f"(e.g. --set max_iters={int(ckpt.iter_num) * 2})")
-    parent = {"path": str(last), "sha256": sha256_file(last), "step": int(ckpt.iter_num)}
+    parent = {"path": str(last), "sha256": getattr(ckpt, "sha256", None) or sha256_file(last),
+              "step": int(ckpt.iter_num)}
     return replace(config, out_dir=str(run.path)), run, ckpt, parent
 
 

@@ -165,7 +165,7 @@ def test_bad_inputs_are_one_line_errors_naming_them(hf_model, hf_data, tmp_path,
                                  "hf_lora_targets=wq,wv", f"out_dir={tmp_path / 'bad-targets'}"]), progress=False)
     with pytest.raises(ConfigError, match="needs hf_model"):
         load_config(None, ["objective=hf-causal-lm"])
-    with pytest.raises(ConfigError, match="resuming HF runs is not supported"):
+    with pytest.raises(ConfigError, match="init_from must be scratch .* or resume"):
         load_config(None, ["objective=hf-causal-lm", f"hf_model={hf_model}", "init_from=finetune", "init_ckpt=x.pt"])
 
 
@@ -181,3 +181,46 @@ def test_a_changed_base_model_is_refused(lora_run, hf_model, tmp_path):
     (base / "config.json").write_text((base / "config.json").read_text().replace('"rms_norm_eps"', '"rms_norm_eps" '))
     with pytest.raises(CheckpointError, match="has changed since training"):
         load_family_model(run_ckpt)
+
+
+class _StopAfter:
+    """A stop flag that trips on its n-th check (the trainer checks once per step)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_an_interrupted_hf_run_resumes_with_the_losses_of_an_uninterrupted_one(mode, hf_model, hf_data, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("CRYSTALLAB_RUNS", str(tmp_path / "runs"))
+    args = [f"dataset={hf_data}", f"hf_model={hf_model}", *TRAIN_ARGS, "max_iters=8", "eval_interval=4",
+            "log_interval=1", *(["hf_lora_rank=0"] if mode == "full" else [])]
+    full = train(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]), progress=False)
+    part = train(load_config(None, [*args, f"out_dir={tmp_path / 'part'}"]), progress=False, stop_event=_StopAfter(5))
+    status = RunFolder(part).read_status()
+    assert status["state"] == "stopped" and status["last_ckpt_step"] == 5
+    assert (part / "ckpt" / "last" / "trainer_state.pt").is_file()
+
+    assert train(load_config(None, ["init_from=resume", f"out_dir={part}"]), progress=False) == part
+    a, b = _losses(full, "train"), _losses(part, "train")
+    assert sorted(b) == list(range(1, 9)), "one continuous curve"
+    for step in range(6, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    assert RunFolder(part).read_status()["state"] == "completed"
+    meta = json.loads((part / "ckpt" / "last" / "crystallab.json").read_text())
+    assert meta["step"] == 8 and meta["adapter"] == (mode == "lora")
+
+
+def test_resume_of_an_hf_folder_without_trainer_state_is_one_line(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYSTALLAB_RUNS", str(tmp_path / "runs"))
+    run = tmp_path / "old"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("*.lock", "owner*"))
+    (run / "ckpt" / "last" / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"has no trainer_state.pt .* start a new run") as err:
+        train(load_config(None, ["init_from=resume", f"out_dir={run}", "max_iters=40"]), progress=False)
+    assert "\n" not in str(err.value)
