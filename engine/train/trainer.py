@@ -292,14 +292,14 @@ class _Session:
         last = self.save("last", step)
         fields: dict[str, Any] = {"step": step, "last_ckpt": str(last), "last_ckpt_step": step,
                                   "warning": warning or None}
+        best = last.with_name("best" + last.suffix)  # best.pt, or the best/ folder of an HF run
         if improved:
-            best = last.with_name("best" + last.suffix)
             _link_best(last, best)
             fields.update(best_ckpt=str(best), best_val_loss=self.tracker.best, best_step=step)
         run.write_status(**fields)
         val = f", val {losses['val']:.4f}" if "val" in losses else ""
         log.info("step %d: train %.4f%s%s%s", step, losses["train"], val, _kind_note(self.objective.loss_kind),
-                 " (best so far: best.pt)" if improved else "")
+                 f" (best so far: {best.name})" if improved else "")
         if warning:
             log.warning("%s", warning)
         if early:
