@@ -26,7 +26,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +43,16 @@ from engine.train.trainer import train  # noqa: E402
 
 
 def _train(name: str, root: Path, common: list[str], more: list[str]) -> tuple[Path, dict[str, Any]]:
-    t0 = time.perf_counter()
-    run = train(load_config(None, [*common, *more]), run_dir=root / name, progress=False)
-    rows = [r for r in RunFolder(run).metrics() if r.get("split") == "val"]
+    run = root / name
+    if RunFolder(run).read_status().get("state") != "completed":  # --reuse: a finished model is not retrained
+        run = train(load_config(None, [*common, *more]), run_dir=run, progress=False)
+    metrics = RunFolder(run).metrics()
+    rows = [r for r in metrics if r.get("split") == "val"]
     last = rows[-1] if rows else {}
     curve = [[r["step"], round(r["loss"], 4)] for r in rows]
+    elapsed = max((r.get("elapsed_s") or 0.0 for r in metrics), default=0.0)  # the run's own clock, also on reuse
     return run / "ckpt" / "last.pt", {"val_loss": last.get("loss"), "loss_kind": last.get("loss_kind"),
-                                      "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
+                                      "train_s": round(elapsed, 1), "curve": curve}
 
 
 def _sample(ckpt: Path, prompt_text: str, knobs: dict, n: int, out: Path, seed: int, batch: int) -> dict[str, Any]:
@@ -88,10 +90,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", type=Path, default=benchlib.default_out("diffusion_compare"))
     p.add_argument("--keep", action="store_true", help="keep the run folders")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="a kept folder of an earlier run with the same settings: finished models are not retrained")
+    p.add_argument("--gpt-max-new-tokens", type=int, default=1024,
+                   help="the GPT's sampling limit (a sample that never writes its end stops here)")
     args = p.parse_args()
     torch.set_num_threads(1)
     info = benchlib.machine_info("cpu")
-    root = Path(tempfile.mkdtemp(prefix="diffcmp-"))
+    root = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="diffcmp-"))
+    if args.reuse:
+        shutil.rmtree(root / "samples", ignore_errors=True)
+        args.keep = True
     common = [f"dataset={args.dataset}", f"n_layer={args.n_layer}", f"n_head={args.n_head}", f"n_embd={args.n_embd}",
               f"block_size={args.block_size}", f"batch_size={args.batch_size}", "dropout=0.0", "device=cpu",
               "dtype=float32", f"learning_rate={args.lr}", f"warmup_iters={min(50, args.steps // 4)}", "eval_iters=4",
@@ -129,7 +138,9 @@ def main() -> int:
 
         for prompt in prompts:
             for name in models:
-                one(name, prompt, {} if name == "gpt" else {"steps": 64, "cfg_scale": 0.0}, args.n, rows)
+                knobs = ({"max_new_tokens": args.gpt_max_new_tokens} if name == "gpt"
+                         else {"steps": 64, "cfg_scale": 0.0})
+                one(name, prompt, knobs, args.n, rows)
         cfgs = [float(c) for c in args.cfg.split(",") if c.strip()]
         for steps in args.diff_steps:
             for w in cfgs:
