@@ -82,7 +82,7 @@ def main() -> int:
     p.add_argument("--variant", default="shift", choices=("direct", "shift"))
     p.add_argument("--prompts", default="Na4Cl4", help="comma-separated cell compositions")
     p.add_argument("--n", type=int, default=16, help="samples per prompt and model (the headline table)")
-    p.add_argument("--sweep-n", type=int, default=16, help="samples per steps x CFG setting (first prompt)")
+    p.add_argument("--sweep-n", type=int, default=16, help="samples per steps x CFG setting (first prompt); 0: none")
     p.add_argument("--batch", type=int, default=16, help="sampling batch, the same for every model")
     p.add_argument("--curve-points", type=int, default=4, help="validation evaluations per model")
     p.add_argument("--diff-steps", type=benchlib.int_list, default=[16, 32, 64, 128])
@@ -142,7 +142,7 @@ def main() -> int:
                          else {"steps": 64, "cfg_scale": 0.0})
                 one(name, prompt, knobs, args.n, rows)
         cfgs = [float(c) for c in args.cfg.split(",") if c.strip()]
-        for steps in args.diff_steps:
+        for steps in args.diff_steps if args.sweep_n > 0 else []:  # --sweep-n 0: headline table only
             for w in cfgs:
                 one("diff_from_ar", prompts[0], {"steps": steps, "cfg_scale": w}, args.sweep_n, sweep)
     finally:
@@ -155,7 +155,8 @@ def main() -> int:
     cols = ["model", "prompt", "n", "steps", "cfg_scale", "val_loss", "loss_kind", "parse_rate", "validity",
             "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate", "samples_per_s"]
     benchlib.print_table(rows, cols, title="models at an equal token budget")
-    benchlib.print_table(sweep, cols, title=f"diff_from_ar: denoising steps x CFG, {prompts[0]}")
+    if sweep:
+        benchlib.print_table(sweep, cols, title=f"diff_from_ar: denoising steps x CFG, {prompts[0]}")
     for name, m in models.items():
         print(name, "val curve (step, loss):", m["curve"])
     benchlib.write_result(args.out, result)
