@@ -56,10 +56,16 @@ def _train(name: str, root: Path, common: list[str], more: list[str]) -> tuple[P
 
 
 def _sample(ckpt: Path, prompt_text: str, knobs: dict, n: int, out: Path, seed: int, batch: int) -> dict[str, Any]:
-    model = load_family_model(ckpt, "cpu")
-    resolved = resolve_knobs(type(model), knobs)
-    d = write_sample_set(model, cell_prompt(prompt_text), out, n=n, knobs=resolved, seed=seed, batch_size=batch,
-                         evaluate=True, progress=None)
+    done = out / "config.json"
+    if done.is_file() and (out / "eval_summary.json").is_file() and json.loads(done.read_text())["sampling"].get(
+            "n") == n:  # --reuse: this set is already drawn and evaluated
+        d = out
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        model = load_family_model(ckpt, "cpu")
+        resolved = resolve_knobs(type(model), knobs)
+        d = write_sample_set(model, cell_prompt(prompt_text), out, n=n, knobs=resolved, seed=seed, batch_size=batch,
+                             evaluate=True, progress=None)
     summary = json.loads((d / "eval_summary.json").read_text())
     config = json.loads((d / "config.json").read_text())
     pick = ("validity", "uniqueness_valid", "formula_hit_rate", "spacegroup_hit_rate", "parse_rate")
@@ -91,7 +97,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=benchlib.default_out("diffusion_compare"))
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     p.add_argument("--reuse", type=Path, default=None,
-                   help="a kept folder of an earlier run with the same settings: finished models are not retrained")
+                   help="a kept folder of an earlier run with the same settings: finished models are not retrained "
+                        "and finished sample sets (same n) are not redrawn")
     p.add_argument("--gpt-max-new-tokens", type=int, default=1024,
                    help="the GPT's sampling limit (a sample that never writes its end stops here)")
     args = p.parse_args()
@@ -99,7 +106,8 @@ def main() -> int:
     info = benchlib.machine_info("cpu")
     root = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="diffcmp-"))
     if args.reuse:
-        shutil.rmtree(root / "samples", ignore_errors=True)
+        for partial in (root / "samples").glob(".*.partial"):  # a killed run's unfinished set starts again
+            shutil.rmtree(partial, ignore_errors=True)
         args.keep = True
     common = [f"dataset={args.dataset}", f"n_layer={args.n_layer}", f"n_head={args.n_head}", f"n_embd={args.n_embd}",
               f"block_size={args.block_size}", f"batch_size={args.batch_size}", "dropout=0.0", "device=cpu",
