@@ -25,7 +25,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pymatgen.core import Composition, Element, Structure
 from pymatgen.io.cif import CifParser, CifWriter
@@ -263,6 +263,15 @@ def canonicalize_structure(structure: Structure, max_sites: int | None = MAX_SIT
     except Exception as exc:  # spglib / CifWriter failures on odd cells: report, do not write anything
         raise InputError(f"structure could not be symmetrized (symprec {SYMPREC} angstrom): {exc}") from exc
     return _apply_edits(text)
+
+
+def translated(structure: Structure, shift: Any) -> Structure:
+    """``structure`` with every fractional coordinate moved by ``shift`` (3,), wrapped into [0, 1): the same crystal,
+    another origin (translation augmentation and the IPT probe)."""
+    import numpy as np
+
+    frac = (structure.frac_coords + np.asarray(shift, dtype=float)[None, :]) % 1.0  # (n_sites, 3)
+    return Structure(structure.lattice, structure.species, frac, coords_are_cartesian=False)
 
 
 def canonicalize(cif_text: str, symmetrized: bool = False, max_sites: int | None = MAX_SITES) -> str:

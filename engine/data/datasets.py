@@ -72,24 +72,13 @@ _VOLUME_LINE = re.compile(r"^_cell_volume (\S+)$", re.MULTILINE)
 _Z_LINE = re.compile(r"^_cell_formula_units_Z (\S+)$", re.MULTILINE)
 
 
-def _translated(text: str | None, structure: Any, shift: tuple[float, float, float]) -> Any:
-    """The input's structure with every atom moved by the fractional ``shift`` (wrapped into the cell)."""
-    from pymatgen.core import Structure
-
-    from engine.crystal.canonical import _parse
-
-    s = structure if structure is not None else _parse(text or "")
-    frac = (s.frac_coords + np.asarray(shift)[None, :]) % 1.0  # (n_sites, 3)
-    return Structure(s.lattice, s.species, frac, coords_are_cartesian=False)
-
-
 def _canonicalize_one(text: str | None, structure: Any, symmetrized: bool, max_sites: int,
                       shift: tuple[float, float, float] | None = None) -> _Canonical:
-    from engine.crystal.canonical import canonicalize, canonicalize_structure, model_view
+    from engine.crystal.canonical import _parse, canonicalize, canonicalize_structure, model_view, translated
     from engine.crystal.tokenizer import encode_with_report
 
     if shift is not None:  # a translation-augmented copy: symmetrize the moved structure afresh
-        structure = _translated(text, structure, shift)
+        structure = translated(structure if structure is not None else _parse(text or ""), shift)
     view = model_view(canonicalize_structure(structure, max_sites) if structure is not None
                       else canonicalize(text, symmetrized=symmetrized, max_sites=max_sites))
     ids, dropped = encode_with_report(view)
@@ -275,8 +264,8 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     n_val = _split_counts(len(kept), val_fraction, sources, rejects, len(duplicates))
     order = np.random.default_rng(seed).permutation(len(kept))
     splits = {"val": [kept[k] for k in order[:n_val]], "train": [kept[k] for k in order[n_val:]]}
-    augmented, augment_failed = _augment(splits["train"], items, augment_translations, seed, workers, progress,
-                                         timeout_s, max_sites)
+    augmented, augment_failed, augment_identical = _augment(splits["train"], items, augment_translations, seed,
+                                                            workers, progress, timeout_s, max_sites)
     splits["train"] = splits["train"] + augmented
 
     tmp = new_tmp_dir(out_dir)
@@ -312,6 +301,7 @@ def build_dataset(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "duplicates_removed": len(duplicates),
             "augmented": len(augmented),
             "augment_failed": augment_failed,
+            "augment_identical": augment_identical,
             "dropped_chars": sum(dropped_chars.values()),
             "dropped_char_counts": dict(dropped_chars.most_common()),
         }
@@ -330,19 +320,23 @@ MAX_AUGMENT = 100
 
 def _augment(train: list[tuple[int, _Canonical]], items: list[SourceItem], k: int, seed: int, workers: int | None,
              progress: Progress | None, timeout_s: float | None, max_sites: int | None,
-             ) -> tuple[list[tuple[int, _Canonical, list[float]]], int]:
-    """``k`` randomly translated canonical copies of each training entry: ``([(item, result, shift)], failed)``.
+             ) -> tuple[list[tuple[int, _Canonical, list[float]]], int, int]:
+    """``k`` randomly translated canonical copies of each training entry: ``([(item, result, shift)], failed,
+    identical)``; ``identical`` counts copies whose text equals their original's (symmetrizing put the cell back
+    at its standard origin).
 
     The shifts are drawn from ``default_rng([seed, 1])`` in training order, so a rebuild gives the same files.
     """
     if k == 0 or not train:
-        return [], 0
+        return [], 0, 0
     shifts = np.random.default_rng([seed, 1]).random((len(train), k, 3)).round(6)  # (train, k, 3) fractional
     jobs = [(i, [float(x) for x in shifts[j, c]]) for j, (i, _) in enumerate(train) for c in range(k)]
     payloads = [(items[i].text, items[i].structure, tuple(g)) for i, g in jobs]
     results = _run_workers(payloads, workers, False, progress, timeout_s, max_sites)
     ok = [(i, res, g) for (i, g), res in zip(jobs, results) if not isinstance(res, str)]
-    return ok, len(jobs) - len(ok)
+    original = dict(train)
+    identical = sum(res.ids == original[i].ids for i, res, _ in ok)
+    return ok, len(jobs) - len(ok), identical
 
 
 def _read_sources(sources: Sequence[str | os.PathLike], allowed: Allowed | None, limits: ReadLimits,
@@ -440,7 +434,8 @@ def _print_summary(folder: Path, stats: dict) -> None:
         print(f"  inputs {stats['inputs']}  accepted {stats['accepted']}  rejected {stats['rejected']}"
               f"  duplicates removed {stats['duplicates_removed']}")
         if stats.get("augmented") or stats.get("augment_failed"):
-            print(f"  translated training copies {stats['augmented']}"
+            print(f"  translated training copies {stats['augmented']}, {stats.get('augment_identical', 0)} of them "
+                  "identical to their original (high-symmetry cells come back at their standard origin)"
                   + (f" ({stats['augment_failed']} failed to canonicalize and were left out)"
                      if stats.get("augment_failed") else ""))
         if stats.get("unreadable_sources"):

@@ -94,14 +94,6 @@ def load_structures(source: str | Path, n: int, seed: int) -> tuple[list[tuple[s
     return out, skipped
 
 
-def translated(structure: Any, shift: np.ndarray) -> Any:
-    """``structure`` with every fractional coordinate moved by ``shift`` (3,), wrapped into [0, 1)."""
-    from pymatgen.core import Structure
-
-    frac = (structure.frac_coords + shift[None, :]) % 1.0  # (n_sites, 3)
-    return Structure(structure.lattice, structure.species, frac, coords_are_cartesian=False)
-
-
 def translations_for(seed: int, index: int, k: int) -> np.ndarray:
     """The ``k`` fractional translations (k, 3) of structure ``index`` in a probe seeded ``seed``."""
     return np.random.default_rng([seed, index]).random((k, 3))
@@ -115,6 +107,8 @@ def probe_model(model: Any, label: str, structures: list[tuple[str, Any]], trans
     ``texts_cache`` (one dict shared by the checkpoints of a probe) keeps the translated texts per text format, so
     checkpoints of one family do not symmetrize the same structures again.
     """
+    from engine.crystal.canonical import translated
+
     rows, skipped = [], []
     cache = {} if texts_cache is None else texts_cache
     for i, (sid, s) in enumerate(structures):

@@ -500,6 +500,7 @@ def test_translation_augmentation_adds_moved_copies_of_training_cifs_only(mp20_r
         assert len(copy["augment"]["translation"]) == 3
         moved += text(copy) != original
     assert moved > 0  # low-symmetry MP-20 cells: a translation changes the coordinates written
+    assert aug["augment_identical"] == len(copies) - moved
 
 
 def test_translation_augmentation_refuses_a_count_out_of_range(mp20_csv, tmp_path):

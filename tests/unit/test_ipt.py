@@ -15,7 +15,8 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from engine.cli import main
-from engine.evaluate.ipt import ipt_table, load_structures, probe_model, run_probe, translated, translations_for
+from engine.crystal.canonical import translated
+from engine.evaluate.ipt import ipt_table, load_structures, probe_model, run_probe, translations_for
 from engine.models.checkpoint import save_checkpoint
 from engine.models.crystallm import CrystaLLMGPT
 from engine.models.family import SequenceScore
