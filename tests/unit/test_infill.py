@@ -22,14 +22,7 @@ from engine.models.family import load_family_model
 from engine.models.gpt import GPT, GPTConfig
 from engine.sample.infill import canonical_view, fill_span, rank_replacements, read_structure, write_infill
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")
